@@ -1,0 +1,25 @@
+"""optax_balance: multi-task gradient balancing as pure optax transformations.
+
+Every method takes the stacked per-task gradients (a params pytree whose leaves carry a
+leading task axis, as from :func:`value_and_task_grads`, ``jax.vmap(jax.grad)`` or
+``jax.jacrev``) and returns one combined gradient, so it chains in front of any optimizer::
+
+    tx = optax.chain(ob.mgda(), optax.adam(1e-3))
+"""
+
+from optax_balance._balancer import BalancerState, balancer
+from optax_balance._core import Stats
+from optax_balance._grads import task_weights, value_and_task_grads
+from optax_balance._mgda import MGDAState, mgda
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BalancerState",
+    "MGDAState",
+    "Stats",
+    "balancer",
+    "mgda",
+    "task_weights",
+    "value_and_task_grads",
+]

@@ -1,0 +1,484 @@
+"""The machinery every balancing method shares.
+
+A method in this library is two small functions: ``init_state(num_tasks, params)`` builds
+its state, and ``weigh(stats, state)`` maps per-task statistics (Gramian, norms, losses)
+to task weights and the next state. Everything else lives here, once:
+
+* validation of the stacked gradient pytree (one leading task axis of the same size on
+  every leaf) and of ``task_losses``;
+* the ``shared`` mask: task-specific leaves are summed over the task axis and take no part
+  in the statistics;
+* the statistics, summed leaf by leaf in float32 (float64 under x64), never by ravelling
+  all parameters into one vector;
+* device averaging (``axis_name``/``sync``);
+* the non-finite guard (a step whose statistics, losses or weights are not finite keeps
+  the previous state and combines with the previous weights);
+* the weighted combination ``sum_i w_i g_i`` leaf by leaf, cast back to each leaf's dtype.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Array = jax.Array
+PyTree = Any
+SharedMask = PyTree | Callable[[PyTree], PyTree] | None
+Sync = Literal["grads", "stats"]
+StatKind = Literal["gram", "sq_norms", "item_sq_norms", "leaf_sq_norms", "none"]
+LossUse = Literal["required", "optional", "unused"]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def stat_dtype() -> jnp.dtype:
+    """The dtype statistics are computed in: float32, or float64 when x64 is enabled."""
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
+
+
+# --------------------------------------------------------------------------------------
+# Hyperparameter validation (construction time; silent for traced values so that
+# ``optax.inject_hyperparams`` can pass arrays).
+# --------------------------------------------------------------------------------------
+
+
+def is_concrete(x: Any) -> bool:
+    """True when ``x`` is a Python/NumPy number or a concrete (non-traced) array."""
+    if isinstance(x, jax.core.Tracer):
+        return False
+    return isinstance(x, (numbers.Number, np.ndarray, np.generic, jax.Array))
+
+
+def check_range(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+    """Raises ``ValueError`` naming ``name`` and the allowed range if ``value`` is outside.
+
+    Traced values (under ``inject_hyperparams``) are not checked.
+    """
+    if not is_concrete(value):
+        return
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim != 0:
+        raise ValueError(f"`{name}` must be a scalar, got shape {arr.shape}.")
+    v = float(arr)
+    lo_ok = low is None or (v >= low if low_inclusive else v > low)
+    hi_ok = high is None or (v <= high if high_inclusive else v < high)
+    if not (lo_ok and hi_ok and np.isfinite(v)):
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        lb = "[" if (low_inclusive and low is not None) else "("
+        hb = "]" if (high_inclusive and high is not None) else ")"
+        raise ValueError(f"`{name}` must be in {lb}{lo}, {hi}{hb}, got {value!r}.")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}.")
+
+
+def check_num_tasks(num_tasks: Any, *, required: bool = False) -> int | None:
+    if num_tasks is None:
+        if required:
+            raise ValueError("`num_tasks` is required: pass the number of tasks T >= 1.")
+        return None
+    if not isinstance(num_tasks, (int, np.integer)) or isinstance(num_tasks, bool):
+        raise ValueError(
+            f"`num_tasks` must be a Python int >= 1, got {num_tasks!r}"
+            " (under optax.inject_hyperparams, list it in `static_args`)."
+        )
+    if num_tasks < 1:
+        raise ValueError(f"`num_tasks` must be >= 1, got {num_tasks}.")
+    return int(num_tasks)
+
+
+def check_sync(axis_name: Any, sync: Any) -> None:
+    check_choice("sync", sync, ("grads", "stats"))
+    del axis_name
+
+
+# --------------------------------------------------------------------------------------
+# The stacked tree: validation and the shared mask.
+# --------------------------------------------------------------------------------------
+
+
+def _leaf_paths(tree: PyTree) -> tuple[list[str], list[Any], Any]:
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    paths = [jax.tree_util.keystr(p) or "<root>" for p, _ in path_leaves]
+    leaves = [x for _, x in path_leaves]
+    return paths, leaves, treedef
+
+
+def num_tasks_of(updates: PyTree, expected: int | None = None) -> int:
+    """The task count T of a stacked gradient pytree, validated on every leaf.
+
+    Raises:
+      ValueError: at trace time, naming the leaf path, when a leaf has no leading axis,
+        when leaves disagree on T, or when T differs from ``expected``.
+    """
+    paths, leaves, _ = _leaf_paths(updates)
+    if not leaves:
+        raise ValueError("the stacked gradient pytree has no leaves.")
+    first_path, first_t = None, None
+    for path, leaf in zip(paths, leaves):
+        shape = np.shape(leaf)
+        if len(shape) == 0:
+            raise ValueError(
+                f"gradient leaf {path} is a scalar: stacked gradients need a leading task axis "
+                "(leaf shape (T, *param.shape)), e.g. from ob.value_and_task_grads or "
+                "jax.jacrev of a (T,)-valued loss."
+            )
+        t = shape[0]
+        if expected is not None and t != expected:
+            raise ValueError(
+                f"gradient leaf {path} has leading (task) axis of size {t}, but this "
+                f"transformation was built for num_tasks={expected}."
+            )
+        if first_t is None:
+            first_path, first_t = path, t
+        elif t != first_t:
+            raise ValueError(
+                f"gradient leaves disagree on the task count: leaf {first_path} has T={first_t} "
+                f"but leaf {path} has T={t}; every leaf needs the same leading task axis."
+            )
+    assert first_t is not None
+    if first_t < 1:
+        raise ValueError(f"gradient leaf {first_path} has an empty task axis (T=0).")
+    return int(first_t)
+
+
+def unstacked_like(updates: PyTree) -> PyTree:
+    """Abstract (ShapeDtypeStruct) params tree: ``updates`` with the task axis removed."""
+    return jax.tree.map(lambda g: jax.ShapeDtypeStruct(np.shape(g)[1:], g.dtype), updates)
+
+
+def resolve_mask(mask: SharedMask, params: PyTree, *, name: str = "shared") -> PyTree:
+    """Resolves a ``shared``-style mask to a pytree of Python bools with ``params``' structure.
+
+    ``mask`` is ``None`` (everything True), a pytree of bools with the params' structure or
+    a prefix of it (a bool then covers the whole subtree), or a callable
+    ``params -> such a pytree``.
+    """
+    if mask is None:
+        return jax.tree.map(lambda _: True, params)
+    if callable(mask):
+        mask = mask(params)
+    try:
+        full = jax.tree.map(
+            lambda m, sub: jax.tree.map(lambda _: m, sub),
+            mask,
+            params,
+            is_leaf=lambda x: isinstance(x, (bool, np.bool_)),
+        )
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"`{name}` mask does not match the parameters' structure: it must be a pytree of "
+            f"bools with the params' structure (or a prefix of it), or a callable "
+            f"params -> such a pytree. Mask: {jax.tree.structure(mask)}; "
+            f"params: {jax.tree.structure(params)}. ({e})"
+        ) from None
+    paths, leaves, _ = _leaf_paths(full)
+    for path, m in zip(paths, leaves):
+        if not isinstance(m, (bool, np.bool_)):
+            raise ValueError(
+                f"`{name}` mask leaf {path} must be a Python bool (True: shared), got "
+                f"{type(m).__name__}; masks are static, not arrays."
+            )
+    return jax.tree.map(bool, full)
+
+
+def check_losses(task_losses: Any, num_tasks: int, use: LossUse, method: str) -> Array | None:
+    """Validates ``task_losses`` (shape ``(T,)``) and casts it to the statistics dtype."""
+    if use == "unused":
+        return None
+    if task_losses is None:
+        if use == "required":
+            raise ValueError(
+                f"{method} needs the per-task losses: call "
+                f"`tx.update(grads, state, params, task_losses=losses)` with `losses` of "
+                f"shape ({num_tasks},) (ob.value_and_task_grads returns them)."
+            )
+        return None
+    shape = np.shape(task_losses)
+    if shape != (num_tasks,):
+        raise ValueError(
+            f"`task_losses` must have shape ({num_tasks},) (one loss per task), got {shape}."
+        )
+    return jnp.asarray(task_losses).astype(stat_dtype())
+
+
+# --------------------------------------------------------------------------------------
+# Statistics: computed leaf by leaf, in f32 (f64 under x64).
+# --------------------------------------------------------------------------------------
+
+
+def _flat(g: Array) -> Array:
+    return g.reshape(g.shape[0], -1)
+
+
+def leaf_gram(g: Array) -> Array:
+    """``g.reshape(T, -1) @ g.reshape(T, -1).T`` with f32 accumulation, full precision."""
+    f = _flat(g)
+    return jax.lax.dot_general(
+        f, f, (((1,), (1,)), ((), ())), precision=_HIGHEST, preferred_element_type=stat_dtype()
+    ).astype(stat_dtype())
+
+
+def leaf_sq_norms(g: Array) -> Array:
+    """Per-task squared norms ``(T,)`` of one stacked leaf, in the statistics dtype."""
+    f = _flat(g).astype(stat_dtype())
+    return jnp.sum(f * f, axis=1)
+
+
+def leaf_item_sq_norms(g: Array) -> Array:
+    """Per-task, per-batch-item squared norms ``(T, B)``: axis 1 is a batch axis."""
+    if g.ndim < 2:
+        raise ValueError(
+            f"per_batch_item=True needs leaves of shape (T, B, ...), got shape {g.shape}."
+        )
+    f = g.reshape(g.shape[0], g.shape[1], -1).astype(stat_dtype())
+    return jnp.sum(f * f, axis=2)
+
+
+def gramian(leaves: Sequence[Array], num_tasks: int) -> Array:
+    """The ``(T, T)`` Gramian ``J J^T`` summed over ``leaves``."""
+    out = jnp.zeros((num_tasks, num_tasks), stat_dtype())
+    for g in leaves:
+        out = out + leaf_gram(g)
+    return out
+
+
+def sq_norms(leaves: Sequence[Array], num_tasks: int) -> Array:
+    """Per-task squared norms ``(T,)`` summed over ``leaves``."""
+    out = jnp.zeros((num_tasks,), stat_dtype())
+    for g in leaves:
+        out = out + leaf_sq_norms(g)
+    return out
+
+
+class Stats(NamedTuple):
+    """Per-task statistics handed to a method's ``weigh`` function.
+
+    Only the fields the method asked for are set; the others are ``None``.
+
+    Attributes:
+      num_tasks: T (a Python int).
+      gram: ``(T, T)`` Gramian of the statistic leaves.
+      sq_norms: ``(T,)`` squared norms (the Gramian's diagonal when it is computed).
+      item_sq_norms: ``(T, B)`` per-batch-item squared norms (axis 1 is a batch axis).
+      leaf_sq_norms: a pytree with the params' structure: ``(T,)`` squared norms per
+        statistic leaf, ``None`` for the other leaves.
+      losses: ``(T,)`` task losses, when given.
+    """
+
+    num_tasks: int
+    gram: Array | None = None
+    sq_norms: Array | None = None
+    item_sq_norms: Array | None = None
+    leaf_sq_norms: PyTree = None
+    losses: Array | None = None
+
+
+def compute_stats(
+    kind: StatKind, updates: PyTree, stat_mask: PyTree, num_tasks: int, losses: Array | None
+) -> Stats:
+    leaves = [g for g, m in zip(jax.tree.leaves(updates), jax.tree.leaves(stat_mask)) if m]
+    if kind == "gram":
+        g = gramian(leaves, num_tasks)
+        return Stats(num_tasks, gram=g, sq_norms=jnp.diagonal(g), losses=losses)
+    if kind == "sq_norms":
+        return Stats(num_tasks, sq_norms=sq_norms(leaves, num_tasks), losses=losses)
+    if kind == "item_sq_norms":
+        items = [leaf_item_sq_norms(g) for g in leaves]
+        if items:
+            sizes = {int(i.shape[1]) for i in items}
+            if len(sizes) != 1:
+                raise ValueError(
+                    f"per_batch_item=True needs the same batch size on axis 1 of every shared "
+                    f"leaf, got sizes {sorted(sizes)}."
+                )
+            total = sum(items[1:], items[0])
+        else:
+            total = jnp.zeros((num_tasks, 1), stat_dtype())
+        return Stats(num_tasks, item_sq_norms=total, losses=losses)
+    if kind == "leaf_sq_norms":
+        per_leaf = jax.tree.map(lambda g, m: leaf_sq_norms(g) if m else None, updates, stat_mask)
+        return Stats(num_tasks, leaf_sq_norms=per_leaf, losses=losses)
+    return Stats(num_tasks, losses=losses)
+
+
+def _all_finite(tree: PyTree) -> Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    ok = jnp.array(True)
+    for x in leaves:
+        ok = ok & jnp.all(jnp.isfinite(x))
+    return ok
+
+
+# --------------------------------------------------------------------------------------
+# The combination.
+# --------------------------------------------------------------------------------------
+
+
+def combine_leaf(w: Array, g: Array) -> Array:
+    """``sum_i w_i g_i`` for one stacked leaf, accumulated in f32, returned in g's dtype."""
+    out = jax.lax.dot_general(
+        w.astype(stat_dtype()),
+        g,
+        (((0,), (0,)), ((), ())),
+        precision=_HIGHEST,
+        preferred_element_type=stat_dtype(),
+    )
+    return out.astype(g.dtype)
+
+
+def combine(updates: PyTree, weights: Array | PyTree, shared_mask: PyTree) -> PyTree:
+    """Weighted sum over the task axis on shared leaves; plain sum on task-specific ones.
+
+    ``weights`` is a ``(T,)`` array, or a pytree with the params' structure holding a
+    ``(T,)`` array per shared leaf (per-leaf weights, as in MetaBalance).
+    """
+    if isinstance(weights, jax.Array | np.ndarray):
+        return jax.tree.map(
+            lambda g, m: combine_leaf(weights, g) if m else _sum_leaf(g), updates, shared_mask
+        )
+    return jax.tree.map(
+        lambda g, m, w: combine_leaf(w, g) if m else _sum_leaf(g),
+        updates,
+        shared_mask,
+        weights,
+        is_leaf=lambda x: x is None,
+    )
+
+
+def _sum_leaf(g: Array) -> Array:
+    return jnp.sum(g, axis=0, dtype=stat_dtype()).astype(g.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# The transformation builder.
+# --------------------------------------------------------------------------------------
+
+
+class WeighFn(Protocol):
+    def __call__(self, stats: Stats, state: Any) -> tuple[Array | PyTree, Any]: ...
+
+
+def _pmean(tree: PyTree, axis_name: Any) -> PyTree:
+    return jax.tree.map(lambda x: jax.lax.pmean(x, axis_name), tree)
+
+
+def balancing_transform(
+    *,
+    method: str,
+    init_state: Callable[[int, PyTree], Any],
+    weigh: WeighFn,
+    stat: StatKind,
+    losses: LossUse,
+    num_tasks: int | None,
+    shared: SharedMask,
+    axis_name: Any,
+    sync: Sync = "grads",
+    stat_mask: SharedMask = None,
+    stat_mask_name: str = "norm_mask",
+    stats_sync_only: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Builds a balancing ``GradientTransformationExtraArgs`` from a method's two functions.
+
+    Args:
+      method: the method's public name (for error messages).
+      init_state: ``(num_tasks, params) -> state``; the state is a NamedTuple of arrays
+        with a ``weights`` field of shape ``(T,)``. When the method was built without a
+        task count, ``init`` calls it with ``num_tasks=0`` and the first ``update``
+        replaces that empty state with ``init_state(T, params)``.
+      weigh: ``(stats, state) -> (weights, new_state)``; ``weights`` is ``(T,)`` or a
+        per-leaf pytree (see :func:`combine`).
+      stat: which statistics ``weigh`` needs.
+      losses: whether ``task_losses`` are required, optional or unused.
+      num_tasks: the configured T, or ``None`` to take it from the first update.
+      shared: the shared mask (see the package docs).
+      axis_name: the device axis name when run inside ``shard_map``/``pmap``.
+      sync: ``"grads"`` averages the stacked gradients over ``axis_name`` (exact);
+        ``"stats"`` averages only the statistics and losses.
+      stat_mask: leaves the statistics are computed on (default: the shared leaves); it
+        is intersected with ``shared``.
+      stat_mask_name: the public name of ``stat_mask`` (for error messages).
+      stats_sync_only: the statistics are per-device by nature (per batch item), so
+        averaging them is exact; gradients are never averaged.
+    """
+    check_sync(axis_name, sync)
+
+    def masks(params: PyTree) -> tuple[PyTree, PyTree]:
+        shared_m = resolve_mask(shared, params, name="shared")
+        if stat_mask is None:
+            return shared_m, shared_m
+        stat_m = resolve_mask(stat_mask, params, name=stat_mask_name)
+        return shared_m, jax.tree.map(lambda a, b: a and b, shared_m, stat_m)
+
+    def init_fn(params: PyTree) -> Any:
+        t = 0 if num_tasks is None else num_tasks
+        return init_state(t, params)
+
+    def update_fn(
+        updates: PyTree, state: Any, params: PyTree | None = None, **extra_args: Any
+    ) -> tuple[PyTree, Any]:
+        t = num_tasks_of(updates, num_tasks)
+        like = unstacked_like(updates)
+        shared_m, stat_m = masks(params if params is not None else like)
+        if jax.tree.structure(shared_m) != jax.tree.structure(updates):
+            raise ValueError(
+                f"`shared` mask structure {jax.tree.structure(shared_m)} does not match the "
+                f"gradients' structure {jax.tree.structure(updates)}."
+            )
+        state_t = np.shape(state.weights)[0]
+        if state_t == 0:
+            state = init_state(t, like)
+        elif state_t != t:
+            raise ValueError(
+                f"{method}: the state holds weights for {state_t} tasks but the gradients "
+                f"have T={t}; re-run `init` or pass num_tasks={t}."
+            )
+        task_losses = check_losses(extra_args.get("task_losses"), t, losses, method)
+
+        if axis_name is not None and sync == "grads" and not stats_sync_only:
+            updates = _pmean(updates, axis_name)
+        if axis_name is not None and task_losses is not None:
+            task_losses = jax.lax.pmean(task_losses, axis_name)
+
+        stats = compute_stats(stat, updates, stat_m, t, task_losses)
+        if axis_name is not None and (sync == "stats" or stats_sync_only):
+            stats = stats._replace(
+                **{
+                    k: _pmean(v, axis_name)
+                    for k, v in stats._asdict().items()
+                    if k not in ("num_tasks", "losses") and v is not None
+                }
+            )
+
+        weights, new_state = weigh(stats, state)
+        ok = _all_finite((stats, weights, new_state))
+        new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+        prev = state.weights
+        if isinstance(weights, jax.Array | np.ndarray):
+            weights = jnp.where(ok, weights, prev)
+        else:
+            weights = jax.tree.map(
+                lambda w: None if w is None else jnp.where(ok, w, prev),
+                weights,
+                is_leaf=lambda x: x is None,
+            )
+        return combine(updates, weights, shared_m), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
