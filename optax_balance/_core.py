@@ -334,6 +334,7 @@ def _all_finite(tree: PyTree) -> Array:
 
 def combine_leaf(w: Array, g: Array) -> Array:
     """``sum_i w_i g_i`` for one stacked leaf, accumulated in f32, returned in g's dtype."""
+    g = jnp.asarray(g)
     out = jax.lax.dot_general(
         w.astype(stat_dtype()),
         g,
@@ -364,6 +365,7 @@ def combine(updates: PyTree, weights: Array | PyTree, shared_mask: PyTree) -> Py
 
 
 def _sum_leaf(g: Array) -> Array:
+    g = jnp.asarray(g)
     return jnp.sum(g, axis=0, dtype=stat_dtype()).astype(g.dtype)
 
 
@@ -435,6 +437,7 @@ def balancing_transform(
         updates: PyTree, state: Any, params: PyTree | None = None, **extra_args: Any
     ) -> tuple[PyTree, Any]:
         t = num_tasks_of(updates, num_tasks)
+        updates = jax.tree.map(jnp.asarray, updates)
         like = unstacked_like(updates)
         shared_m, stat_m = masks(params if params is not None else like)
         if jax.tree.structure(shared_m) != jax.tree.structure(updates):

@@ -96,7 +96,7 @@ def task_weights(opt_state: Any) -> jax.Array:
       >>> params = jnp.zeros(3)
       >>> grads = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
       >>> _, state = tx.update(grads, tx.init(params), params)
-      >>> ob.task_weights(state)
+      >>> ob.task_weights(state).round(4)
       Array([0.6, 0.4], dtype=float32)
     """
     found = [

@@ -83,7 +83,9 @@ def _support_solve(gram: Array, free: Array) -> Array:
     k = k.at[:t, :t].set(gram * f[:, None] * f[None, :] + jnp.diag(1.0 - f))
     k = k.at[:t, t].set(f).at[t, :t].set(f)
     rhs = jnp.zeros((t + 1,), gram.dtype).at[t].set(1.0)
-    sol = jnp.linalg.pinv(k, hermitian=True) @ rhs
+    pinv = jnp.linalg.pinv(k, hermitian=True)
+    sol = pinv @ rhs
+    sol = sol + pinv @ (rhs - k @ sol)  # one step of iterative refinement
     return sol[:t] * f
 
 
