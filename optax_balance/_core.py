@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol, TypeAlias
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.core import Tracer
 
-Array = jax.Array
-PyTree = Any
+Array: TypeAlias = jax.Array
+PyTree: TypeAlias = Any
 SharedMask = PyTree | Callable[[PyTree], PyTree] | None
 Sync = Literal["grads", "stats"]
 StatKind = Literal["gram", "sq_norms", "item_sq_norms", "leaf_sq_norms", "none"]
@@ -50,7 +51,7 @@ def stat_dtype() -> jnp.dtype:
 
 def is_concrete(x: Any) -> bool:
     """True when ``x`` is a Python/NumPy number or a concrete (non-traced) array."""
-    if isinstance(x, jax.core.Tracer):
+    if isinstance(x, Tracer):
         return False
     return isinstance(x, (numbers.Number, np.ndarray, np.generic, jax.Array))
 
@@ -332,7 +333,7 @@ def _all_finite(tree: PyTree) -> Array:
 # --------------------------------------------------------------------------------------
 
 
-def combine_leaf(w: Array, g: Array) -> Array:
+def combine_leaf(w: Array | np.ndarray, g: Array) -> Array:
     """``sum_i w_i g_i`` for one stacked leaf, accumulated in f32, returned in g's dtype."""
     g = jnp.asarray(g)
     out = jax.lax.dot_general(

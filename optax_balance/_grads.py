@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import jax
 import jax.numpy as jnp
 
-PyTree = Any
+PyTree: TypeAlias = Any
 
 
 def value_and_task_grads(
@@ -69,7 +69,7 @@ def value_and_task_grads(
 
 
 def _is_balancing_state(x: Any) -> bool:
-    return isinstance(x, tuple) and hasattr(x, "_fields") and "weights" in x._fields
+    return isinstance(x, tuple) and "weights" in getattr(x, "_fields", ())
 
 
 def task_weights(opt_state: Any) -> jax.Array:

@@ -8,12 +8,12 @@ fixed shapes; nothing leaves the device.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
 
-Array = jax.Array
+Array: TypeAlias = jax.Array
 
 
 class SimplexSolution(NamedTuple):

@@ -1,0 +1,42 @@
+"""Static checks on the package: pyright (types) and ruff (lint), as in `make lint`."""
+
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BIN = pathlib.Path(sys.executable).parent
+
+
+def _tool(name: str) -> str:
+    path = BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed (it comes with the dev extra)")
+    return found
+
+
+def test_pyright_is_clean_on_the_package():
+    proc = subprocess.run(
+        [_tool("pyright"), "optax_balance"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0 and " error" not in out:
+        pytest.skip(f"pyright could not run here (it needs node): {out[-500:]}")
+    assert proc.returncode == 0, out[-4000:]
+
+
+def test_ruff_is_clean():
+    ruff = _tool("ruff")
+    paths = [p for p in ("optax_balance", "tests", "examples", "benchmarks") if (ROOT / p).exists()]
+    check = subprocess.run([ruff, "check", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout[-4000:]
+    fmt = subprocess.run(
+        [ruff, "format", "--check", *paths], cwd=ROOT, capture_output=True, text=True
+    )
+    assert fmt.returncode == 0, fmt.stdout[-4000:]
