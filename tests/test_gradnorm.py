@@ -391,3 +391,16 @@ def test_inside_flax_nnx_optimizer():
     np.testing.assert_allclose(jnp.sum(w), 2.0, rtol=1e-5)
     assert float(w[0]) != 1.0  # the weights were learned
     assert float(jnp.sum(last)) < float(jnp.sum(first))
+
+
+def test_differentiable_through_update_at_zero_gradients():
+    tx = ob.gradnorm(2, weight_optimizer=optax.sgd(0.1))
+    state = tx.init(jnp.zeros(3))
+
+    def f(g):
+        out, new = tx.update(g, state, task_losses=jnp.array([1.0, 2.0]))
+        return jnp.sum(out) + jnp.sum(new.weights * jnp.array([1.0, 3.0]))
+
+    for g in (jnp.zeros((2, 3)), jnp.array([[0.0, 0.0, 0.0], [1.0, 2.0, 2.0]])):
+        d = jax.grad(f)(g)
+        assert bool(jnp.all(jnp.isfinite(d)))

@@ -199,6 +199,22 @@ def test_invalid_hyperparameters(kw, name):
         ob.metabalance(**kw)
 
 
+def test_inject_hyperparams_matches_constant():
+    rng = np.random.default_rng(2)
+    kw = {"relax_factor": 0.6, "beta": 0.8, "epsilon": 1e-9}
+    tx_a = ob.metabalance(main_task=1, num_tasks=3, **kw)
+    tx_b = optax.inject_hyperparams(ob.metabalance, static_args=("main_task", "num_tasks"))(
+        main_task=1, num_tasks=3, **kw
+    )
+    sa, sb = tx_a.init(jnp.zeros(4)), tx_b.init(jnp.zeros(4))
+    for _ in range(3):
+        g = jnp.asarray(rng.normal(size=(3, 4)) * np.array([[1.0], [5.0], [0.1]]), jnp.float32)
+        oa, sa = tx_a.update(g, sa)
+        ob_, sb = jax.jit(tx_b.update)(g, sb)
+        np.testing.assert_allclose(oa, ob_, rtol=1e-6)
+        np.testing.assert_allclose(sa.ema_norms, sb.inner_state.ema_norms, rtol=1e-6)
+
+
 def _two_task_problem():
     x = jax.random.normal(jax.random.key(0), (64, 4))
     y = jnp.stack([x[:, 0] - x[:, 1], 100.0 * x[:, 2]], axis=1)  # main, loud auxiliary
@@ -271,3 +287,15 @@ def test_inside_flax_nnx_optimizer():
     w = ob.task_weights(optimizer.opt_state)
     assert w.shape == (2,) and float(w[0]) == 1.0 and float(w[1]) < 1.0
     assert float(last[0]) < float(first[0])
+
+
+def test_differentiable_through_update_at_zero_gradients():
+    tx = ob.metabalance(num_tasks=2)
+    state = tx.init(jnp.zeros(3))
+
+    def f(g):
+        out, new = tx.update(g, state)
+        return jnp.sum(out) + jnp.sum(new.weights)
+
+    for g in (jnp.zeros((2, 3)), jnp.array([[0.0, 0.0, 0.0], [1.0, 2.0, 2.0]])):
+        assert bool(jnp.all(jnp.isfinite(jax.grad(f)(g))))
