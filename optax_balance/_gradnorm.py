@@ -107,6 +107,11 @@ def gradnorm(
     trains slower than average (:math:`r_i > 1`) is given a larger gradient norm target,
     so its weight grows. Note the L2 norm itself is compared, and :math:`\alpha` is the
     exponent on :math:`r_i` only.
+    :math:`G_i` is computed as :math:`w_i \|g_i\|` (equal, since :math:`w_i \ge 0`), whose
+    derivative at :math:`w_i = 0` is :math:`\|g_i\|`, so a weight clipped to 0 can grow
+    again. Leaves marked task-specific in ``shared`` are summed unweighted; with
+    ``shared=None`` every leaf, task heads included, is weighted, which is the paper's
+    :math:`\sum_i w_i L_i`.
 
     Timing: the network moves with :math:`w(t)`, the weights held at the *start* of the
     step (as in the paper, the weighted loss and the GradNorm loss are formed with the
