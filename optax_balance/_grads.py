@@ -111,6 +111,9 @@ def task_weights(opt_state: Any) -> jax.Array:
             "optax.chain(ob.mgda(), optax.adam(1e-3))."
         )
     w = found[0].weights
-    if not isinstance(w, jax.Array) and hasattr(w, "value"):
-        w = w.value  # flax.nnx Variable
+    if not isinstance(w, jax.Array):  # flax.nnx Variable (`.value` is deprecated in 0.12)
+        if hasattr(w, "get_value"):
+            w = w.get_value()
+        elif hasattr(w, "value"):
+            w = w.value
     return w
