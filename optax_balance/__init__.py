@@ -11,15 +11,18 @@ from optax_balance._balancer import BalancerState, balancer
 from optax_balance._core import Stats
 from optax_balance._grads import task_weights, value_and_task_grads
 from optax_balance._mgda import MGDAState, mgda
+from optax_balance._pcgrad import PCGradState, pcgrad
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BalancerState",
     "MGDAState",
+    "PCGradState",
     "Stats",
     "balancer",
     "mgda",
+    "pcgrad",
     "task_weights",
     "value_and_task_grads",
 ]

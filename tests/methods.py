@@ -38,6 +38,12 @@ METHODS: list[Method] = [
     ),
     Method("balancer", lambda t, **kw: ob.balancer([1.0] * t, **kw)),
     Method("balancer_plain", lambda t, **kw: ob.balancer([1.0] * t, balance_grads=False, **kw)),
+    Method(
+        "pcgrad",
+        lambda t, **kw: ob.pcgrad(seed=0, num_tasks=t, **kw),
+        permutation_invariant=False,
+        stochastic=True,
+    ),
 ]
 
 METHOD_IDS = [m.name for m in METHODS]
