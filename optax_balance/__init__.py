@@ -10,6 +10,7 @@ leading task axis, as from :func:`value_and_task_grads`, ``jax.vmap(jax.grad)`` 
 from optax_balance._balancer import BalancerState, balancer
 from optax_balance._core import Stats
 from optax_balance._grads import task_weights, value_and_task_grads
+from optax_balance._imtl_g import IMTLGState, imtl_g
 from optax_balance._mgda import MGDAState, mgda
 from optax_balance._pcgrad import PCGradState, pcgrad
 
@@ -17,10 +18,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BalancerState",
+    "IMTLGState",
     "MGDAState",
     "PCGradState",
     "Stats",
     "balancer",
+    "imtl_g",
     "mgda",
     "pcgrad",
     "task_weights",

@@ -44,6 +44,7 @@ METHODS: list[Method] = [
         permutation_invariant=False,
         stochastic=True,
     ),
+    Method("imtl_g", lambda t, **kw: ob.imtl_g(num_tasks=t, **kw)),
 ]
 
 METHOD_IDS = [m.name for m in METHODS]
