@@ -7,6 +7,7 @@ leading task axis, as from :func:`value_and_task_grads`, ``jax.vmap(jax.grad)`` 
     tx = optax.chain(ob.mgda(), optax.adam(1e-3))
 """
 
+from optax_balance._aligned_mtl import AlignedMTLState, aligned_mtl
 from optax_balance._balancer import BalancerState, balancer
 from optax_balance._core import Stats
 from optax_balance._grads import task_weights, value_and_task_grads
@@ -17,11 +18,13 @@ from optax_balance._pcgrad import PCGradState, pcgrad
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlignedMTLState",
     "BalancerState",
     "IMTLGState",
     "MGDAState",
     "PCGradState",
     "Stats",
+    "aligned_mtl",
     "balancer",
     "imtl_g",
     "mgda",

@@ -45,6 +45,7 @@ METHODS: list[Method] = [
         stochastic=True,
     ),
     Method("imtl_g", lambda t, **kw: ob.imtl_g(num_tasks=t, **kw)),
+    Method("aligned_mtl", lambda t, **kw: ob.aligned_mtl(num_tasks=t, **kw)),
 ]
 
 METHOD_IDS = [m.name for m in METHODS]
