@@ -65,9 +65,15 @@ def balance_matrix(gram: jax.Array, scale_mode: str = "min") -> tuple[jax.Array,
     return b.astype(dt), rank.astype(jnp.int32)
 
 
-def _pref_array(pref_vector: Any) -> np.ndarray | None:
+def _pref_array(pref_vector: Any) -> np.ndarray | jax.Array | None:
     if pref_vector is None:
         return None
+    if isinstance(pref_vector, jax.core.Tracer):  # under optax.inject_hyperparams
+        if pref_vector.ndim != 1 or pref_vector.shape[0] == 0:
+            raise ValueError(
+                f"`pref_vector` must be a non-empty 1-D vector, got shape {pref_vector.shape}."
+            )
+        return pref_vector
     if isinstance(pref_vector, (str, bytes)) or not isinstance(
         pref_vector, Sequence | np.ndarray | jax.Array
     ):
@@ -161,12 +167,12 @@ def aligned_mtl(
     pref = _pref_array(pref_vector)
     t_cfg = _core.check_num_tasks(num_tasks)
     if pref is not None:
-        if t_cfg is not None and t_cfg != pref.size:
+        if t_cfg is not None and t_cfg != pref.shape[0]:
             raise ValueError(
-                f"`pref_vector` has {pref.size} entries but num_tasks={t_cfg}; give one "
+                f"`pref_vector` has {pref.shape[0]} entries but num_tasks={t_cfg}; give one "
                 "weight per task."
             )
-        t_cfg = int(pref.size)
+        t_cfg = int(pref.shape[0])
     _core.check_sync(axis_name, sync)
 
     def init_state(t: int, params: Any) -> AlignedMTLState:

@@ -129,7 +129,10 @@ def pcgrad(
       <https://arxiv.org/abs/2001.06782>`_, NeurIPS 2020.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"`seed` must be a Python int, got {seed!r}.")
+        raise ValueError(
+            f"`seed` must be a Python int, got {seed!r} (under optax.inject_hyperparams, "
+            "list it in `static_args`)."
+        )
     if not -(2**63) <= int(seed) < 2**64:
         raise ValueError(f"`seed` must fit in 64 bits, got {seed!r}.")
     t_cfg = _core.check_num_tasks(num_tasks)

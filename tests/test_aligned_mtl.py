@@ -57,8 +57,11 @@ def test_golden():
     np.testing.assert_allclose(d_half, [0.2133, 0.9673, 0.9673], atol=1e-4)
 
 
-@pytest.mark.parametrize("scale_mode", ["min", "median", "rmse"])
-@pytest.mark.parametrize("t", [1, 2, 3, 6, 11, 16])
+@pytest.mark.parametrize(
+    "t, scale_mode",
+    [(t, "min") for t in (1, 2, 3, 6, 11, 16)]
+    + [(4, "median"), (16, "median"), (5, "rmse"), (16, "rmse")],
+)
 def test_matches_svd_reference_on_random_matrices(t, scale_mode):
     rng = np.random.default_rng(t)
     w = rng.uniform(0.2, 2.0, size=t)
@@ -213,3 +216,12 @@ def test_pref_vector_fixes_the_task_count():
     assert tx.init(jnp.zeros(2)).weights.shape == (3,)
     with pytest.raises(ValueError, match="num_tasks=3"):
         tx.update(jnp.ones((2, 2)), tx.init(jnp.zeros(2)))
+
+
+def test_inject_hyperparams_pref_vector():
+    J = jnp.asarray(J_GOLDEN, jnp.float32)
+    tx = optax.inject_hyperparams(ob.aligned_mtl, static_args=("scale_mode", "num_tasks"))(
+        pref_vector=jnp.array([0.5, 0.5]), num_tasks=2
+    )
+    d, _ = jax.jit(tx.update)(J, tx.init(jnp.zeros(3)))
+    np.testing.assert_allclose(d, [0.2133, 0.9673, 0.9673], atol=1e-4)

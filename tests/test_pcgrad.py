@@ -198,6 +198,18 @@ def test_chain_with_adam_decreases_losses():
     assert ob.task_weights(state).shape == (2,)
 
 
+def test_non_finite_step_keeps_key_and_weights():
+    tx = ob.pcgrad(seed=5)
+    update = jax.jit(tx.update)
+    J = jnp.asarray(J_GOLDEN, jnp.float32)
+    _, s1 = update(J, tx.init(jnp.zeros(3)))
+    _, s2 = update(J.at[0, 0].set(jnp.nan), s1)
+    np.testing.assert_array_equal(s2.key, s1.key)
+    np.testing.assert_array_equal(s2.weights, s1.weights)
+    _, s3 = update(J, s2)
+    assert not np.array_equal(s3.key, s2.key)
+
+
 @pytest.mark.parametrize("seed", [1.5, "0", True, None, 2**70])
 def test_bad_seed_raises(seed):
     with pytest.raises(ValueError, match="seed"):
