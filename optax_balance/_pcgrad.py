@@ -133,8 +133,8 @@ def pcgrad(
             f"`seed` must be a Python int, got {seed!r} (under optax.inject_hyperparams, "
             "list it in `static_args`)."
         )
-    if not -(2**63) <= int(seed) < 2**64:
-        raise ValueError(f"`seed` must fit in 64 bits, got {seed!r}.")
+    if not -(2**63) <= int(seed) < 2**63:
+        raise ValueError(f"`seed` must be in [-2**63, 2**63), got {seed!r}.")
     t_cfg = _core.check_num_tasks(num_tasks)
     _core.check_sync(axis_name, sync)
 
