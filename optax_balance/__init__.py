@@ -7,25 +7,34 @@ leading task axis, as from :func:`value_and_task_grads`, ``jax.vmap(jax.grad)`` 
     tx = optax.chain(ob.mgda(), optax.adam(1e-3))
 """
 
+from optax_balance._aligned_mtl import AlignedMTLState, aligned_mtl
 from optax_balance._balancer import BalancerState, balancer
 from optax_balance._core import Stats
 from optax_balance._gradnorm import GradNormState, gradnorm
 from optax_balance._grads import task_weights, value_and_task_grads
+from optax_balance._imtl_g import IMTLGState, imtl_g
 from optax_balance._metabalance import MetaBalanceState, metabalance
 from optax_balance._mgda import MGDAState, mgda
+from optax_balance._pcgrad import PCGradState, pcgrad
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlignedMTLState",
     "BalancerState",
     "GradNormState",
+    "IMTLGState",
     "MGDAState",
     "MetaBalanceState",
+    "PCGradState",
     "Stats",
+    "aligned_mtl",
     "balancer",
     "gradnorm",
+    "imtl_g",
     "metabalance",
     "mgda",
+    "pcgrad",
     "task_weights",
     "value_and_task_grads",
 ]

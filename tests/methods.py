@@ -44,6 +44,14 @@ METHODS: list[Method] = [
         lambda t, **kw: ob.metabalance(num_tasks=t, **kw),
         permutation_invariant=False,
     ),
+    Method(
+        "pcgrad",
+        lambda t, **kw: ob.pcgrad(seed=0, num_tasks=t, **kw),
+        permutation_invariant=False,
+        stochastic=True,
+    ),
+    Method("imtl_g", lambda t, **kw: ob.imtl_g(num_tasks=t, **kw)),
+    Method("aligned_mtl", lambda t, **kw: ob.aligned_mtl(num_tasks=t, **kw)),
 ]
 
 METHOD_IDS = [m.name for m in METHODS]

@@ -1,0 +1,168 @@
+"""IMTL-G: the combination whose projection on every task's unit gradient is the same."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_balance import _core
+
+
+class IMTLGState(NamedTuple):
+    """State of :func:`imtl_g`.
+
+    Attributes:
+      weights: ``(T,)`` the weights ``alpha`` applied in the last update (they sum to 1;
+        -1 in the rare case described in :func:`imtl_g`; all 0 when no combination
+        with equal positive projections exists).
+      rank: the numerical rank of the gradients' cosine matrix in the last update.
+    """
+
+    weights: jax.Array
+    rank: jax.Array
+
+
+def imtl_g_weights(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
+    r"""IMTL-G weights from the Gramian, via the cosine matrix of the gradients.
+
+    With norms :math:`n_i = \sqrt{G_{ii}}`, :math:`N = \mathrm{diag}(n)` and the cosine
+    matrix :math:`C = N^{-1} G N^{-1}` (rows of zero gradients set to 0),
+    :math:`\beta = C^+ 1` and :math:`\alpha = N^{-1}\beta / |1^\top N^{-1}\beta|`. When
+    :math:`G` is invertible :math:`N^{-1} C^{-1} 1 = G^{-1} n`, the paper's solution.
+    Working on :math:`C` (unit diagonal) keeps the eigen-solve well conditioned when the
+    gradients' norms differ by many orders of magnitude (1e-10 next to 1e10), which a
+    pseudo-inverse of :math:`G` itself cannot resolve in float32. :math:`C^+` comes from
+    ``eigh`` with eigenvalues below ``10 T eps`` times the largest treated as zero
+    (NumPy's and JAX's default ``pinv`` cut-off). Since :math:`1^\top C^+ 1 \ge 0`, with
+    equality exactly when no combination has a positive projection on any task (e.g. a
+    pair of opposite gradients), the weights are 0 when it is below :math:`\sqrt{eps}`
+    or when the normaliser cancels to rounding level.
+
+    Returns:
+      ``(weights, rank)``: rank is the numerical rank of :math:`C`.
+    """
+    t = gram.shape[0]
+    dt = gram.dtype
+    eps = jnp.finfo(dt).eps
+    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+    pos = norms > 0
+    inv_n = jnp.where(pos, 1.0 / jnp.where(pos, norms, 1.0), 0.0)
+    cos = (gram * inv_n[:, None]) * inv_n[None, :]
+    lam, vecs = jnp.linalg.eigh(cos)
+    keep = lam > 10.0 * t * eps * jnp.max(lam)
+    inv = jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)
+    beta = vecs @ (inv * (vecs.T @ pos.astype(dt)))
+    v = beta * inv_n
+    total = jnp.sum(v)
+    ok = (jnp.sum(beta) > jnp.sqrt(eps)) & (jnp.abs(total) > eps * jnp.sum(jnp.abs(v)))
+    # |total|: the common projection d . u_i = 1/total must be positive (see imtl_g).
+    w = jnp.where(ok, v / jnp.where(ok, jnp.abs(total), 1.0), 0.0)
+    return w.astype(dt), jnp.sum(keep).astype(jnp.int32)
+
+
+def imtl_g(
+    *,
+    shared: _core.SharedMask = None,
+    axis_name: Any = None,
+    sync: _core.Sync = "grads",
+    num_tasks: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""IMTL-G: impartial gradient combination, equal projection on every task direction.
+
+    With task gradients :math:`g_i`, unit directions :math:`u_i = g_i/\|g_i\|` and the
+    combination :math:`d = \sum_i \alpha_i g_i`, IMTL-G (Liu et al., Sec. 3.1) asks that
+    :math:`d` have the same projection on every :math:`u_i` and that
+    :math:`\sum_i \alpha_i = 1`. The paper solves it with the differences
+    :math:`D = [g_1 - g_t]_t`, :math:`U = [u_1 - u_t]_t`:
+    :math:`\alpha_{2:T} = g_1 U^\top (D U^\top)^{-1}`, :math:`\alpha_1 = 1 - \sum_{t\ge2}
+    \alpha_t`. In terms of the Gramian :math:`G = J J^\top` and the norms
+    :math:`n_i = \|g_i\|` the same conditions read :math:`G\alpha = c\, n`, solved by
+    :math:`\alpha \propto G^{-1} n`. We compute it through the cosine matrix
+    :math:`C = N^{-1} G N^{-1}` of the gradients (:math:`N = \mathrm{diag}(n)`):
+
+    .. math::
+
+      \beta = C^{+} 1, \qquad
+      \alpha = \frac{N^{-1}\beta}{|1^\top N^{-1}\beta|}, \qquad
+      d = \sum_i \alpha_i g_i = \frac{\sum_i \beta_i u_i}{|1^\top N^{-1}\beta|} ,
+
+    which is the paper's solution when the gradients are linearly independent
+    (:math:`N^{-1} C^{-1} 1 = G^{-1} n`), stays accurate in float32 when norms differ by
+    1e20 (:math:`C` has a unit diagonal), and extends the method to rank-deficient
+    Gramians with the pseudo-inverse (torchjd uses :math:`G^{+} n`; the two agree for
+    independent gradients and may split weight differently among collinear gradients
+    of different norms): duplicate gradients share their weight equally, a zero
+    gradient gets weight 0, and a pair of exactly opposite gradients (whose only
+    equal-projection combination is :math:`d = 0`) gives all-zero weights. When no
+    combination has equal projections (an opposite pair among other tasks) the
+    pseudo-inverse gives the least-squares solution: :math:`d` is orthogonal to the
+    opposite pair and helps the other tasks. Nothing is iterative: one ``eigh`` of a
+    :math:`T \times T` matrix.
+
+    Scaling and sign. The weights sum to 1, as in the paper, LibMTL and torchjd, so
+    :math:`d` is on the scale of the *mean* gradient, not the sum (multiply the learning
+    rate by T to compare with summed-loss training). One departure: the common
+    projection is :math:`d \cdot u_i = 1/(1^\top N^{-1}\beta)`, and for some
+    configurations of three or more tasks (about 1% of random Gaussian gradients)
+    :math:`1^\top N^{-1}\beta < 0`, where the paper's normalisation would return a
+    direction that *increases* every loss to first order. We divide by the absolute
+    value instead, so the
+    common projection is always positive and the weights then sum to -1; everywhere
+    else the result is the paper's. The paper also learns loss scales (IMTL-L); that
+    part is not included here.
+
+    Args:
+      shared: which parameter leaves are shared (``None``: all); a pytree of bools, a
+        prefix of one, or a callable ``params -> pytree``. Other leaves are summed.
+      axis_name: device axis name when ``update`` runs inside ``shard_map``/``pmap``.
+      sync: ``"grads"`` (exact: average the stacked gradients over ``axis_name``) or
+        ``"stats"`` (average only the Gramian).
+      num_tasks: T, if known; gives ``init`` a full-shape state.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; its state is :class:`IMTLGState`.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax_balance as ob
+      >>> J = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+      >>> tx = ob.imtl_g()
+      >>> d, state = tx.update(J, tx.init(jnp.zeros(3)))
+      >>> d.round(4)
+      Array([0.0767, 1.    , 1.    ], dtype=float32)
+      >>> state.weights.round(4)
+      Array([0.5923, 0.4077], dtype=float32)
+
+    References:
+      Liu et al., `Towards Impartial Multi-task Learning
+      <https://openreview.net/forum?id=IMPnRXEWpvr>`_, ICLR 2021.
+      Quinton & Rey, `Jacobian Descent for Multi-Objective Optimization
+      <https://arxiv.org/abs/2406.16232>`_, 2024 (the pseudo-inverse form).
+    """
+    t_cfg = _core.check_num_tasks(num_tasks)
+    _core.check_sync(axis_name, sync)
+
+    def init_state(t: int, params: Any) -> IMTLGState:
+        del params
+        w = jnp.full((t,), 1.0 / max(t, 1), _core.stat_dtype())
+        return IMTLGState(weights=w, rank=jnp.zeros((), jnp.int32))
+
+    def weigh(stats: _core.Stats, state: IMTLGState) -> tuple[jax.Array, IMTLGState]:
+        del state
+        assert stats.gram is not None
+        w, rank = imtl_g_weights(stats.gram)
+        return w, IMTLGState(weights=w, rank=rank)
+
+    return _core.balancing_transform(
+        method="imtl_g",
+        init_state=init_state,
+        weigh=weigh,
+        stat="gram",
+        losses="unused",
+        num_tasks=t_cfg,
+        shared=shared,
+        axis_name=axis_name,
+        sync=sync,
+    )
