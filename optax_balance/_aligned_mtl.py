@@ -68,7 +68,7 @@ def balance_matrix(gram: jax.Array, scale_mode: str = "min") -> tuple[jax.Array,
 def _pref_array(pref_vector: Any) -> np.ndarray | jax.Array | None:
     if pref_vector is None:
         return None
-    if isinstance(pref_vector, jax.core.Tracer):  # under optax.inject_hyperparams
+    if _core.is_traced(pref_vector):  # under optax.inject_hyperparams
         if pref_vector.ndim != 1 or pref_vector.shape[0] == 0:
             raise ValueError(
                 f"`pref_vector` must be a non-empty 1-D vector, got shape {pref_vector.shape}."

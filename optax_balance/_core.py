@@ -56,6 +56,11 @@ def is_concrete(x: Any) -> bool:
     return isinstance(x, (numbers.Number, np.ndarray, np.generic, jax.Array))
 
 
+def is_traced(x: Any) -> bool:
+    """True when ``x`` is a tracer (e.g. a hyperparameter under ``optax.inject_hyperparams``)."""
+    return isinstance(x, Tracer)
+
+
 def check_range(
     name: str,
     value: Any,
