@@ -433,7 +433,11 @@ def _sync_stats(stats: Stats, axis_name: Any) -> Stats:
     for k, v in stats._asdict().items():
         if k in ("num_tasks", "losses") or v is None:
             continue
+        if k == "sq_norms" and stats.gram is not None:
+            continue  # the averaged Gramian's diagonal, below: T fewer numbers to send
         out[k] = _gather_items(v, axis_name) if k == "item_sq_norms" else _pmean(v, axis_name)
+    if stats.gram is not None:
+        out["sq_norms"] = jnp.diagonal(out["gram"])
     return stats._replace(**out)
 
 
