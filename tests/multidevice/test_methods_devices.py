@@ -139,9 +139,7 @@ def _run_shard_map(method: Method, sync: str):
         return jax.tree.map(lambda a: a[None], (_sgd(params, upd), upd, state))
 
     spec = P("data")
-    step = jax.jit(
-        jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=True)
-    )
+    step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=True))
     out = []
     for _ in range(STEPS):
         params_d, upd_d, state_d = step(params_d, state_d, xs, ys)
