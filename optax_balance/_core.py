@@ -241,13 +241,15 @@ def _replicated_if_explicit(g: Array) -> Any:
     replicated. Everywhere else (no mesh, ``Auto`` axes, inside ``shard_map``) the
     compiler decides and ``None`` is passed.
     """
-    sharding = getattr(jax.typeof(g), "sharding", None)
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    typeof = getattr(jax, "typeof", None)
+    if axis_type is None or typeof is None:  # JAX without sharding in types
+        return None
+    sharding = getattr(typeof(g), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
     if mesh is None or not mesh.axis_names:
         return None
-    explicit = {
-        n for n, k in zip(mesh.axis_names, mesh.axis_types) if k == jax.sharding.AxisType.Explicit
-    }
+    explicit = {n for n, k in zip(mesh.axis_names, mesh.axis_types) if k == axis_type.Explicit}
     used = set()
     for entry in sharding.spec:
         used.update(entry if isinstance(entry, tuple) else (entry,))
@@ -259,13 +261,15 @@ def _replicated_if_explicit(g: Array) -> Any:
 def leaf_gram(g: Array) -> Array:
     """``g.reshape(T, -1) @ g.reshape(T, -1).T`` with f32 accumulation, full precision."""
     axes = _rest(g)
+    out_sharding = _replicated_if_explicit(g)
+    kw = {} if out_sharding is None else {"out_sharding": out_sharding}
     return jax.lax.dot_general(
         g,
         g,
         ((axes, axes), ((), ())),
         precision=_HIGHEST,
         preferred_element_type=stat_dtype(),
-        out_sharding=_replicated_if_explicit(g),
+        **kw,
     ).astype(stat_dtype())
 
 
@@ -420,7 +424,7 @@ def _gather_items(x: Array, axis_name: Any) -> Array:
     result is then replicated (invariant) over the axis, as ``shard_map``'s replication
     check needs for a state computed from it, and adding zeros is exact.
     """
-    n = jax.lax.axis_size(axis_name)
+    n = jax.lax.psum(1, axis_name)  # the axis size, a static int
     buf = jnp.zeros((n, *x.shape), x.dtype)
     buf = jax.lax.dynamic_update_index_in_dim(buf, x, jax.lax.axis_index(axis_name), 0)
     buf = jax.lax.psum(buf, axis_name)

@@ -4,6 +4,7 @@ JAX fixes its device count at import, so 8 CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``) need a fresh interpreter.
 """
 
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -19,8 +20,11 @@ def test_multidevice_suite():
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
+    cmd = [sys.executable, "-m", "pytest", "tests/multidevice", "-p", "no:cacheprovider"]
+    if importlib.util.find_spec("xdist") is not None and (os.cpu_count() or 1) > 1:
+        cmd += ["-n", "2", "--dist", "loadgroup"]  # compile-bound: two workers halve it
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/multidevice", "-q", "-p", "no:cacheprovider"],
+        cmd,
         cwd=ROOT,
         env=env,
         capture_output=True,

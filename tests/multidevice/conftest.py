@@ -11,6 +11,10 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xdist_group(name): run in one pytest-xdist worker")
+
+
 def pytest_collection_modifyitems(config, items):
     if jax.device_count() < NUM_DEVICES:
         skip = pytest.mark.skip(

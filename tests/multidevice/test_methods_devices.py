@@ -31,6 +31,10 @@ SHARED = {"trunk": True, "bias": True, "heads": False}
 RTOL = 1e-5
 
 
+# All tests of one method in one xdist worker, so its reference is compiled once.
+PARAMS = [pytest.param(m, id=m.name, marks=pytest.mark.xdist_group(m.name)) for m in METHODS]
+
+
 def _data():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(B, 4)).astype(np.float32)
@@ -147,7 +151,7 @@ def _run_shard_map(method: Method, sync: str):
     return out
 
 
-@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+@pytest.mark.parametrize("method", PARAMS)
 def test_shard_map_exact_equals_one_device(method):
     ref = reference(method.name)
     for k, (params_d, upd_d, state_d) in enumerate(_run_shard_map(method, "grads")):
@@ -157,7 +161,7 @@ def test_shard_map_exact_equals_one_device(method):
         _close(state0, ref[k][1], f"{method.name} state, step {k}")
 
 
-@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+@pytest.mark.parametrize("method", PARAMS)
 def test_shard_map_stats_identical_on_every_device(method):
     runs = _run_shard_map(method, "stats")
     for k, (params_d, upd_d, state_d) in enumerate(runs):
@@ -175,7 +179,7 @@ def _assert_same_shardings(actual, expected, what):
         )
 
 
-@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+@pytest.mark.parametrize("method", PARAMS)
 def test_sharded_jit_2x4_equals_unsharded(method):
     """Plain jit, no axis name: batch over "data", trunk and head columns over "model"."""
     mesh = _mesh((2, 4), ("data", "model"), AxisType.Auto)
@@ -209,7 +213,7 @@ def test_sharded_jit_2x4_equals_unsharded(method):
     assert step._cache_size() == 1  # shardings stable: no recompilation
 
 
-@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+@pytest.mark.parametrize("method", PARAMS)
 def test_shard_map_2x4_model_sharded_params(method):
     """shard_map manual over "data" only; params stay sharded over the "model" axis."""
     mesh = _mesh((2, 4), ("data", "model"), AxisType.Auto)
@@ -247,7 +251,7 @@ def test_shard_map_2x4_model_sharded_params(method):
         params = new_params
 
 
-@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+@pytest.mark.parametrize("method", PARAMS)
 def test_explicit_sharding_update(method):
     """Sharding in types (``AxisType.Explicit``): types and values kept by update."""
     mesh = _mesh((N_DEV,), ("x",))
