@@ -7,6 +7,7 @@ gather every device's items; the all-reduce volume is read from the compiled pro
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -182,3 +183,36 @@ def test_pmap(sync):
         _all_equal(upd)
         np.testing.assert_allclose(np.asarray(upd)[0], want, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(np.asarray(new_state.weights)[0], want_state.weights, rtol=1e-5)
+
+
+def test_shard_map_unchecked_replicated_params():
+    """check_vma=False, params in replicated: gradients are local, the balancer syncs."""
+    from tests.multidevice.test_methods_devices import LR, STEPS, _close, _data, task_losses
+
+    params, x, y = _data()
+    mesh = _mesh()
+    many = ob.balancer([1.0, 2.0, 1.0], ema_decay=0.9, axis_name="data")
+    one = ob.balancer([1.0, 2.0, 1.0], ema_decay=0.9)
+
+    def body(tx, params, state, x, y):
+        _, grads = ob.value_and_task_grads(task_losses)(params, x, y)
+        upd, state = tx.update(grads, state, params)
+        return jax.tree.map(lambda p, u: p - LR * u, params, upd), state
+
+    step_many = jax.jit(
+        jax.shard_map(
+            functools.partial(body, many),
+            mesh=mesh,
+            in_specs=(P(), P(), P("data"), P("data")),
+            out_specs=P(),
+            check_vma=False,
+        )
+    )
+    step_one = jax.jit(functools.partial(body, one))
+    p1, s1 = params, one.init(params)
+    pm, sm = params, many.init(params)
+    xs, ys = _put(mesh, x), _put(mesh, y)
+    for k in range(STEPS):
+        p1, s1 = step_one(p1, s1, x, y)
+        pm, sm = step_many(pm, sm, xs, ys)
+        _close((pm, sm), (p1, s1), f"step {k}")
