@@ -314,7 +314,8 @@ class Stats(NamedTuple):
       num_tasks: T (a Python int).
       gram: ``(T, T)`` Gramian of the statistic leaves.
       sq_norms: ``(T,)`` squared norms (the Gramian's diagonal when it is computed).
-      item_sq_norms: ``(T, B)`` per-batch-item squared norms (axis 1 is a batch axis).
+      item_sq_norms: ``(T, B)`` per-batch-item squared norms (axis 1 is a batch axis);
+        under ``axis_name``, every device's items, ``(T, D*B)``, device-major.
       leaf_sq_norms: a pytree with the params' structure: ``(T,)`` squared norms per
         statistic leaf, ``None`` for the other leaves.
       losses: ``(T,)`` task losses, when given.
