@@ -87,13 +87,21 @@ def balancer(
     EnCodec computes it on the gradient with respect to the model output; use it with
     :func:`optax_balance.value_and_balanced_grad`.
 
-    Under ``axis_name``, ``sync="grads"`` (default) averages the stacked gradients first;
-    ``sync="stats"`` averages only the norms, which is how audiocraft syncs (it averages
-    the EMA-ed norms across workers): weights are then identical everywhere and exact for
-    ``per_batch_item=True`` with equal local batches (the global mean of per-item norms is
-    the mean of the local means), while for ``per_batch_item=False`` the mean of local
-    gradient norms stands in for the norm of the mean gradient. With
-    ``per_batch_item=True`` gradients are never averaged (items are per device).
+    Many devices. With ``axis_name`` set, ``update`` runs per device inside
+    ``shard_map``/``pmap`` on local-batch gradients. ``sync="grads"`` (default, exact)
+    averages the stacked shared gradients over the axis before the norms, so output and
+    state equal the one-device result on the global batch (T*P numbers all-reduced).
+    ``sync="stats"`` averages only the T squared norms, so every device gets the same
+    weights and state, and returns the *local* combination, which the caller averages
+    (P numbers), e.g. with ``optax.stateless(lambda u, _: jax.lax.pmean(u, axis))``
+    next in the chain. This is how audiocraft syncs its balancer (it averages the
+    EMA-ed norms over workers); the norm used is
+    :math:`\sqrt{\tfrac1D\sum_d \|g_i^{(d)}\|^2} \ge \|\tfrac1D\sum_d g_i^{(d)}\|`,
+    the global gradient's norm inflated by the spread of the local gradients
+    (audiocraft's mean of local norms lies in between). With ``per_batch_item=True``
+    the per-item norms of all devices are gathered (D*T*B numbers), so the norm is the
+    global batch's mean in both modes, exactly; gradients are never averaged, since
+    each device's items are its own.
 
     Args:
       weights: the per-task weights :math:`w_i \ge 0` (positive sum), a sequence or a
@@ -104,8 +112,9 @@ def balancer(
       per_batch_item: treat axis 1 of each leaf as a batch axis for the norm.
       epsilon: added to the EMA norm before dividing.
       shared: which leaves are shared (``None``: all); task-specific leaves are summed.
-      axis_name: device axis name inside ``shard_map``/``pmap``.
-      sync: ``"grads"`` or ``"stats"``, see above.
+      axis_name: device axis name inside ``shard_map``/``pmap`` (``None``: one device,
+        or plain ``jit`` over sharded arrays).
+      sync: ``"grads"`` (exact) or ``"stats"`` (norms only), see above.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its state is :class:`BalancerState`.

@@ -230,22 +230,59 @@ def check_losses(task_losses: Any, num_tasks: int, use: LossUse, method: str) ->
 # --------------------------------------------------------------------------------------
 
 
-def _flat(g: Array) -> Array:
-    return g.reshape(g.shape[0], -1)
+def _rest(g: Array, start: int = 1) -> tuple[int, ...]:
+    return tuple(range(start, g.ndim))
+
+
+# The statistics contract or sum over the parameter axes directly, never through a
+# ``reshape(T, -1)``: under sharding-in-types (``AxisType.Explicit``) a reshape that
+# merges a sharded axis is an error, and elsewhere it can force a relayout.
+
+
+def _replicated_if_explicit(g: Array) -> Any:
+    """``out_sharding`` for a contraction of ``g``'s sharded axes, or ``None``.
+
+    Under sharding-in-types, a ``dot_general`` contracting axes sharded over an
+    ``Explicit`` mesh axis must name its output sharding; the small statistics are
+    replicated. Everywhere else (no mesh, ``Auto`` axes, inside ``shard_map``) the
+    compiler decides and ``None`` is passed.
+    """
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    typeof = getattr(jax, "typeof", None)
+    if axis_type is None or typeof is None:  # JAX without sharding in types
+        return None
+    sharding = getattr(typeof(g), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or not mesh.axis_names:
+        return None
+    explicit = {n for n, k in zip(mesh.axis_names, mesh.axis_types) if k == axis_type.Explicit}
+    used = set()
+    for entry in sharding.spec:
+        used.update(entry if isinstance(entry, tuple) else (entry,))
+    if not explicit & used:
+        return None
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 def leaf_gram(g: Array) -> Array:
     """``g.reshape(T, -1) @ g.reshape(T, -1).T`` with f32 accumulation, full precision."""
-    f = _flat(g)
+    axes = _rest(g)
+    out_sharding = _replicated_if_explicit(g)
+    kw = {} if out_sharding is None else {"out_sharding": out_sharding}
     return jax.lax.dot_general(
-        f, f, (((1,), (1,)), ((), ())), precision=_HIGHEST, preferred_element_type=stat_dtype()
+        g,
+        g,
+        ((axes, axes), ((), ())),
+        precision=_HIGHEST,
+        preferred_element_type=stat_dtype(),
+        **kw,
     ).astype(stat_dtype())
 
 
 def leaf_sq_norms(g: Array) -> Array:
     """Per-task squared norms ``(T,)`` of one stacked leaf, in the statistics dtype."""
-    f = _flat(g).astype(stat_dtype())
-    return jnp.sum(f * f, axis=1)
+    f = g.astype(stat_dtype())
+    return jnp.sum(f * f, axis=_rest(g))
 
 
 def leaf_item_sq_norms(g: Array) -> Array:
@@ -254,8 +291,8 @@ def leaf_item_sq_norms(g: Array) -> Array:
         raise ValueError(
             f"per_batch_item=True needs leaves of shape (T, B, ...), got shape {g.shape}."
         )
-    f = g.reshape(g.shape[0], g.shape[1], -1).astype(stat_dtype())
-    return jnp.sum(f * f, axis=2)
+    f = g.astype(stat_dtype())
+    return jnp.sum(f * f, axis=_rest(g, 2))
 
 
 def gramian(leaves: Sequence[Array], num_tasks: int) -> Array:
@@ -283,7 +320,8 @@ class Stats(NamedTuple):
       num_tasks: T (a Python int).
       gram: ``(T, T)`` Gramian of the statistic leaves.
       sq_norms: ``(T,)`` squared norms (the Gramian's diagonal when it is computed).
-      item_sq_norms: ``(T, B)`` per-batch-item squared norms (axis 1 is a batch axis).
+      item_sq_norms: ``(T, B)`` per-batch-item squared norms (axis 1 is a batch axis);
+        under ``axis_name``, every device's items, ``(T, D*B)``, device-major.
       leaf_sq_norms: a pytree with the params' structure: ``(T,)`` squared norms per
         statistic leaf, ``None`` for the other leaves.
       losses: ``(T,)`` task losses, when given.
@@ -388,6 +426,34 @@ def _pmean(tree: PyTree, axis_name: Any) -> PyTree:
     return jax.tree.map(lambda x: jax.lax.pmean(x, axis_name), tree)
 
 
+def _gather_items(x: Array, axis_name: Any) -> Array:
+    """``(T, B)`` per device -> ``(T, D*B)``, the same on every device (device-major).
+
+    A ``psum`` of zero buffers each holding one device's block, not ``all_gather``: the
+    result is then replicated (invariant) over the axis, as ``shard_map``'s replication
+    check needs for a state computed from it, and adding zeros is exact.
+    """
+    n = jax.lax.psum(1, axis_name)  # the axis size, a static int
+    buf = jnp.zeros((n, *x.shape), x.dtype)
+    buf = jax.lax.dynamic_update_index_in_dim(buf, x, jax.lax.axis_index(axis_name), 0)
+    buf = jax.lax.psum(buf, axis_name)
+    return jnp.moveaxis(buf, 0, 1).reshape(x.shape[0], n * x.shape[1])
+
+
+def _sync_stats(stats: Stats, axis_name: Any) -> Stats:
+    """Averages the statistics over the axis; per-item statistics are gathered instead."""
+    out = {}
+    for k, v in stats._asdict().items():
+        if k in ("num_tasks", "losses") or v is None:
+            continue
+        if k == "sq_norms" and stats.gram is not None:
+            continue  # the averaged Gramian's diagonal, below: T fewer numbers to send
+        out[k] = _gather_items(v, axis_name) if k == "item_sq_norms" else _pmean(v, axis_name)
+    if stats.gram is not None:
+        out["sq_norms"] = jnp.diagonal(out["gram"])
+    return stats._replace(**out)
+
+
 def balancing_transform(
     *,
     method: str,
@@ -418,13 +484,18 @@ def balancing_transform(
       num_tasks: the configured T, or ``None`` to take it from the first update.
       shared: the shared mask (see the package docs).
       axis_name: the device axis name when run inside ``shard_map``/``pmap``.
-      sync: ``"grads"`` averages the stacked gradients over ``axis_name`` (exact);
-        ``"stats"`` averages only the statistics and losses.
+      sync: ``"grads"`` (exact): the output and state equal the single-device result
+        on the global batch; the stacked leaves the statistics read are averaged over
+        ``axis_name`` before them, the other leaves are combined locally and their
+        combination averaged. ``"stats"``: only the statistics and losses are averaged,
+        the output is the local combination (the caller averages it). Losses are
+        averaged in both modes.
       stat_mask: leaves the statistics are computed on (default: the shared leaves); it
         is intersected with ``shared``.
       stat_mask_name: the public name of ``stat_mask`` (for error messages).
-      stats_sync_only: the statistics are per-device by nature (per batch item), so
-        averaging them is exact; gradients are never averaged.
+      stats_sync_only: the leaves carry a per-device batch axis (per batch item): in
+        both modes gradients are never averaged and the per-item statistics of all
+        devices are gathered (exact: every device sees the global batch's items).
     """
     check_sync(axis_name, sync)
 
@@ -461,20 +532,24 @@ def balancing_transform(
             )
         task_losses = check_losses(extra_args.get("task_losses"), t, losses, method)
 
-        if axis_name is not None and sync == "grads" and not stats_sync_only:
-            updates = _pmean(updates, axis_name)
+        # Devices. The losses (local-batch means) are averaged in both modes. "grads":
+        # the leaves the statistics read are averaged before them, every other leaf is
+        # combined locally and averaged after (the combination is linear and the weights
+        # are the same on every device), so leaves outside the statistics cost P numbers
+        # instead of T*P. "stats" (and per-item statistics, whose items are per device):
+        # only the statistics travel; the output stays local.
+        grads_mode = axis_name is not None and sync == "grads" and not stats_sync_only
         if axis_name is not None and task_losses is not None:
             task_losses = jax.lax.pmean(task_losses, axis_name)
+        read_m = stat_m if stat != "none" else jax.tree.map(lambda _: False, stat_m)
+        if grads_mode:
+            updates = jax.tree.map(
+                lambda g, m: jax.lax.pmean(g, axis_name) if m else g, updates, read_m
+            )
 
         stats = compute_stats(stat, updates, stat_m, t, task_losses)
-        if axis_name is not None and (sync == "stats" or stats_sync_only):
-            stats = stats._replace(
-                **{
-                    k: _pmean(v, axis_name)
-                    for k, v in stats._asdict().items()
-                    if k not in ("num_tasks", "losses") and v is not None
-                }
-            )
+        if axis_name is not None and not grads_mode:
+            stats = _sync_stats(stats, axis_name)
 
         weights, new_state = weigh(stats, state)
         ok = _all_finite((stats, weights, new_state))
@@ -488,6 +563,9 @@ def balancing_transform(
                 weights,
                 is_leaf=lambda x: x is None,
             )
-        return combine(updates, weights, shared_m), new_state
+        out = combine(updates, weights, shared_m)
+        if grads_mode:
+            out = jax.tree.map(lambda o, m: o if m else jax.lax.pmean(o, axis_name), out, read_m)
+        return out, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

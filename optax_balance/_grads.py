@@ -61,7 +61,10 @@ def value_and_task_grads(
                 "value_and_task_grads: `fn` must return a 1-D array of per-task losses of "
                 f"shape (T,), got {getattr(losses, 'shape', type(losses))}."
             )
-        basis = jnp.eye(losses.shape[0], dtype=losses.dtype)
+        # ``ones_like(losses)`` gives the cotangents the losses' type: inside shard_map
+        # (check_vma) losses from per-device data vary over the mesh axis, and so must the
+        # cotangents; a plain ``eye`` would be replicated and rejected by the VJP.
+        basis = jnp.eye(losses.shape[0], dtype=losses.dtype) * jnp.ones_like(losses)
         (grads,) = jax.vmap(vjp_fn)(basis)
         return ((losses, aux), grads) if has_aux else (losses, grads)
 

@@ -90,6 +90,18 @@ def mgda(
     the KKT conditions hold, and is kept only if it does not raise the objective. T=2 uses
     the closed form; T=1 returns the single gradient. No host round-trip.
 
+    Many devices. With ``axis_name`` set (inside ``shard_map``/``pmap``, local-batch
+    gradients and losses), ``sync="grads"`` (default) averages the stacked shared
+    gradients and the losses over the axis first: output and state equal the one-device
+    result on the global batch. ``sync="stats"`` averages only the Gramian and the
+    losses (T*T + T numbers instead of T*P): every device solves the same problem and
+    keeps the same state, and returns its local combination, which the caller
+    averages. The Gramian used is then the mean of the local Gramians,
+    :math:`\tfrac1D\sum_d J_d J_d^\top = \bar J \bar J^\top +
+    \tfrac1D\sum_d (J_d-\bar J)(J_d-\bar J)^\top`: the global one plus the
+    between-device covariance of the local gradients, close to it when local batches
+    are large.
+
     Args:
       norm_type: ``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"`` (the last two need
         ``task_losses``).
