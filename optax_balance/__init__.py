@@ -11,6 +11,7 @@ from optax_balance._balancer import BalancerState, balancer
 from optax_balance._core import Stats
 from optax_balance._grads import task_weights, value_and_task_grads
 from optax_balance._mgda import MGDAState, mgda
+from optax_balance._representation import value_and_balanced_grad
 
 __version__ = "0.1.0"
 
@@ -21,5 +22,6 @@ __all__ = [
     "balancer",
     "mgda",
     "task_weights",
+    "value_and_balanced_grad",
     "value_and_task_grads",
 ]
