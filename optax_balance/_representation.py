@@ -113,6 +113,7 @@ def value_and_balanced_grad(
       Défossez et al., `High Fidelity Neural Audio Compression
       <https://arxiv.org/abs/2210.13438>`_, 2022 (Sec. 3.4, the loss balancer).
     """
+    tx = optax.with_extra_args_support(tx)
 
     def wrapped(
         params: PyTree, tx_state: optax.OptState, *args: Any, **kwargs: Any
