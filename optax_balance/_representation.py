@@ -39,7 +39,9 @@ def value_and_balanced_grad(
     parameter of head :math:`i` only gets task :math:`i`'s gradient). This is how the
     EnCodec loss balancer works (:math:`z` is the model output, the losses have no
     parameters) and what Sener & Koltun call MGDA-UB (MGDA on the gradients with respect
-    to the encoder's output, an upper bound of the parameter-level objective).
+    to the encoder's output, which minimises an upper bound of the parameter-level MGDA
+    objective, since :math:`\|\sum_i \alpha_i \nabla_\theta L_i\| \le \|\partial z/\partial
+    \theta\|\, \|\sum_i \alpha_i \nabla_z L_i\|`).
 
     Cost: one forward pass, the heads' backward pass vectorised over the T tasks (a
     ``jax.vjp`` and ``jax.vmap`` over the rows of the identity, as
