@@ -18,6 +18,7 @@ def value_and_balanced_grad(
     tx: optax.GradientTransformation,
     *,
     has_aux: bool = False,
+    heads_in_axes: tuple[Any, ...] | None = None,
 ) -> Callable[..., tuple[Any, PyTree, optax.OptState]]:
     r"""Task losses and a parameter gradient balanced at the shared representation.
 
@@ -43,10 +44,16 @@ def value_and_balanced_grad(
     objective, since :math:`\|\sum_i \alpha_i \nabla_\theta L_i\| \le \|\partial z/\partial
     \theta\|\, \|\sum_i \alpha_i \nabla_z L_i\|`).
 
-    Cost: one forward pass, the heads' backward pass vectorised over the T tasks (a
-    ``jax.vjp`` and ``jax.vmap`` over the rows of the identity, as
-    :func:`optax_balance.value_and_task_grads`), ``tx.update`` on arrays of the size of
-    :math:`T \times z`, and ONE backward pass through the encoder, whatever T.
+    Cost: one forward pass, ``tx.update`` on arrays of the size of :math:`T \times z`,
+    ONE backward pass through the encoder whatever T, and the T gradients with respect
+    to :math:`z`. In general these are the heads' backward pass vectorised over the T
+    rows of the identity (as :func:`optax_balance.value_and_task_grads`), i.e. T times
+    the cost of all heads' backward pass: negligible for losses that are small functions
+    of :math:`z`, but for T heads stacked in one tensor it grows as :math:`T^2`. When
+    every task has its own head, pass ``heads_in_axes`` and write ``heads_fn`` for ONE
+    task: task :math:`i`'s gradient then goes through head :math:`i` only
+    (``jax.vmap(jax.grad(heads_fn))``), which is the per-task backward pass of the
+    original MGDA-UB and costs one backward pass through all heads in total.
 
     ``tx`` is any balancing method of this library, used on its own (not chained with an
     optimizer: it acts on representation gradients, the optimizer on parameter gradients).
@@ -75,6 +82,12 @@ def value_and_balanced_grad(
       tx: the balancing transformation, e.g. ``ob.balancer(weights,
         per_batch_item=True)`` or ``ob.mgda()``.
       has_aux: whether ``heads_fn`` returns auxiliary data.
+      heads_in_axes: ``None`` (default), or per-task heads: ``heads_fn(params, z, *args,
+        **kwargs)`` then returns ONE task's scalar loss and is vmapped over the tasks
+        with ``heads_in_axes`` as the ``in_axes`` of ``(params, *args)`` (``z`` and the
+        keyword arguments are shared by all tasks), e.g. ``({"encoder": None, "heads":
+        0}, 0)`` for stacked heads ``params["heads"]`` of shape ``(T, ...)`` and
+        per-task targets of shape ``(T, ...)``. ``aux`` then carries a leading task axis.
 
     Returns:
       A function ``(params, tx_state, *args, **kwargs) -> (losses, grads, tx_state)``
@@ -109,6 +122,25 @@ def value_and_balanced_grad(
       >>> grads["head"]                                    # dL_2/dhead = z_2
       Array(2., dtype=float32)
 
+      Per-task heads: one head per task, stacked, and ``heads_fn`` for one task.
+
+      >>> def encoder2(p, x, targets):
+      ...     return x @ p["enc"]                          # z = [[1, 1]]
+      >>> def one_head(p, z, x, target):                   # p["heads"]: task i's row
+      ...     return jnp.mean((z @ p["heads"] - target) ** 2)
+      >>> params = {"enc": jnp.eye(2), "heads": jnp.array([[1.0, 0.0], [0.0, 1.0]])}
+      >>> targets = jnp.array([[0.0], [4.0]])              # (T, B): one target per task
+      >>> axes = ({"enc": None, "heads": 0}, None, 0)      # for (params, x, targets)
+      >>> fn = ob.value_and_balanced_grad(encoder2, one_head, tx, heads_in_axes=axes)
+      >>> losses, grads, state = fn(params, tx.init(None), x, targets)
+      >>> losses                                           # (1 - 0)^2 and (1 - 4)^2
+      Array([1., 9.], dtype=float32)
+      >>> state.weights.round(4).tolist()                  # dL/dz: [[2, 0]], [[0, -6]]
+      [0.9, 0.1]
+      >>> grads["heads"]                                   # each head: its own task only
+      Array([[ 2.,  2.],
+             [-6., -6.]], dtype=float32)
+
     References:
       Sener & Koltun, `Multi-Task Learning as Multi-Objective Optimization
       <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018 (Sec. 3.3, MGDA-UB);
@@ -122,33 +154,95 @@ def value_and_balanced_grad(
     ) -> tuple[Any, PyTree, optax.OptState]:
         z, encoder_vjp = jax.vjp(lambda p: encoder_fn(p, *args, **kwargs), params)
 
-        def heads(p: PyTree, rep: PyTree) -> Any:
-            return heads_fn(p, rep, *args, **kwargs)
-
-        if has_aux:
-            losses, heads_vjp, aux = jax.vjp(heads, params, z, has_aux=True)
+        if heads_in_axes is None:
+            out = _general_heads(heads_fn, params, z, args, kwargs, has_aux)
         else:
-            losses, heads_vjp = jax.vjp(heads, params, z)
-            aux = None
-        if not hasattr(losses, "ndim") or losses.ndim != 1:
-            raise ValueError(
-                "value_and_balanced_grad: `heads_fn` must return a 1-D array of per-task "
-                f"losses of shape (T,), got {getattr(losses, 'shape', type(losses))}."
-            )
-        num_tasks = losses.shape[0]
-        # Heads' own parameters: the ordinary gradient of the sum of the losses.
-        head_grads, _ = heads_vjp(jnp.ones((num_tasks,), losses.dtype))
-        # dL_i/dz for every task: the heads' backward pass vectorised over the identity.
-        # (The per-task parameter cotangents computed alongside are unused; under jit
-        # they are dead code and removed.)
-        basis = jnp.eye(num_tasks, dtype=losses.dtype)
-        rep_grads = jax.vmap(lambda c: heads_vjp(c)[1])(basis)
+            out = _per_task_heads(heads_fn, heads_in_axes, params, z, args, kwargs, has_aux)
+        losses, aux, head_grads, rep_grads = out
         combined, tx_state = tx.update(rep_grads, tx_state, task_losses=losses)
         (encoder_grads,) = encoder_vjp(combined)
         grads = jax.tree.map(_add, encoder_grads, head_grads)
         return ((losses, aux) if has_aux else losses), grads, tx_state
 
     return wrapped
+
+
+def _check_losses(losses: Any, what: str) -> None:
+    if not hasattr(losses, "ndim") or losses.ndim != 1:
+        raise ValueError(
+            f"value_and_balanced_grad: {what} must give a 1-D array of per-task losses of "
+            f"shape (T,), got {getattr(losses, 'shape', type(losses))}."
+        )
+
+
+def _general_heads(
+    heads_fn: Callable[..., Any],
+    params: PyTree,
+    z: PyTree,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    has_aux: bool,
+) -> tuple[jax.Array, Any, PyTree, PyTree]:
+    """Losses, aux, summed head gradients and the stacked dL_i/dz of a (T,)-valued head."""
+
+    def heads(p: PyTree, rep: PyTree) -> Any:
+        return heads_fn(p, rep, *args, **kwargs)
+
+    if has_aux:
+        losses, heads_vjp, aux = jax.vjp(heads, params, z, has_aux=True)
+    else:
+        losses, heads_vjp = jax.vjp(heads, params, z)
+        aux = None
+    _check_losses(losses, "`heads_fn`")
+    num_tasks = losses.shape[0]
+    # Heads' own parameters: the ordinary gradient of the sum of the losses.
+    head_grads, _ = heads_vjp(jnp.ones((num_tasks,), losses.dtype))
+    # dL_i/dz for every task: the heads' backward pass vectorised over the identity.
+    # (The per-task parameter cotangents computed alongside are unused; under jit they
+    # are dead code and removed.)
+    basis = jnp.eye(num_tasks, dtype=losses.dtype)
+    rep_grads = jax.vmap(lambda c: heads_vjp(c)[1])(basis)
+    return losses, aux, head_grads, rep_grads
+
+
+def _per_task_heads(
+    heads_fn: Callable[..., Any],
+    heads_in_axes: tuple[Any, ...],
+    params: PyTree,
+    z: PyTree,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    has_aux: bool,
+) -> tuple[jax.Array, Any, PyTree, PyTree]:
+    """The same for a one-task ``heads_fn`` vmapped over tasks: dL_i/dz through head i only."""
+    if not isinstance(heads_in_axes, tuple) or len(heads_in_axes) != 1 + len(args):
+        raise ValueError(
+            "value_and_balanced_grad: `heads_in_axes` must be a tuple with one entry for "
+            f"`params` and one per positional argument ({1 + len(args)} in all, for params "
+            f"and {len(args)} argument(s)), got {heads_in_axes!r}."
+        )
+    in_axes = (heads_in_axes[0], None, *heads_in_axes[1:])
+
+    def one(p: PyTree, rep: PyTree, *a: Any) -> Any:
+        return heads_fn(p, rep, *a, **kwargs)
+
+    def heads(p: PyTree, rep: PyTree) -> Any:
+        return jax.vmap(one, in_axes=in_axes)(p, rep, *args)
+
+    if has_aux:
+        losses, heads_vjp, aux = jax.vjp(heads, params, z, has_aux=True)
+    else:
+        losses, heads_vjp = jax.vjp(heads, params, z)
+        aux = None
+    _check_losses(losses, "`heads_fn` vmapped over `heads_in_axes`")
+    # Heads' own parameters: one backward pass of the summed losses; for stacked heads
+    # this is each head's own task gradient.
+    head_grads, _ = heads_vjp(jnp.ones(losses.shape, losses.dtype))
+    grad_z = jax.grad(one, argnums=1, has_aux=has_aux)
+    rep_grads = jax.vmap(grad_z, in_axes=in_axes)(params, z, *args)
+    if has_aux:
+        rep_grads = rep_grads[0]
+    return losses, aux, head_grads, rep_grads
 
 
 def _add(a: jax.Array, b: jax.Array) -> jax.Array:
