@@ -16,6 +16,7 @@ from optax_balance._imtl_g import IMTLGState, imtl_g
 from optax_balance._metabalance import MetaBalanceState, metabalance
 from optax_balance._mgda import MGDAState, mgda
 from optax_balance._pcgrad import PCGradState, pcgrad
+from optax_balance._representation import value_and_balanced_grad
 
 __version__ = "0.1.0"
 
@@ -36,5 +37,6 @@ __all__ = [
     "mgda",
     "pcgrad",
     "task_weights",
+    "value_and_balanced_grad",
     "value_and_task_grads",
 ]
