@@ -253,7 +253,7 @@ def _replicated_if_explicit(g: Array) -> Any:
         return None
     sharding = getattr(typeof(g), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
-    if mesh is None or not mesh.axis_names:
+    if sharding is None or mesh is None or not mesh.axis_names:
         return None
     explicit = {n for n, k in zip(mesh.axis_names, mesh.axis_types) if k == axis_type.Explicit}
     used = set()
