@@ -11,6 +11,10 @@ Run alone with ``BENCH_SECTIONS=kernels python -m benchmarks.run``.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -150,6 +154,44 @@ def measure(t: int, p: int, threads: int, rounds: int = 9) -> dict[str, tuple[fl
     return {k: (res[k], errs[k]) for k in res}
 
 
+# XLA lowers f32 dots on CPU to YNNPACK; this flag value turns that off (Eigen instead).
+NO_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+
+
+def measure_dot_without_ynn(t: int, p: int, rounds: int = 9) -> dict[str, float] | None:
+    """Floor and ``dot`` timed in a child process with YNNPACK fusions disabled."""
+    code = (
+        "import json, jax, jax.numpy as jnp, numpy as np\n"
+        "from benchmarks import gram_kernels as gk\n"
+        f"rng = np.random.default_rng({t})\n"
+        f"f = jnp.asarray(rng.standard_normal(({t}, {p}), dtype=np.float32))\n"
+        f"w = jnp.full(({t},), 1.0 / {t}, jnp.float32)\n"
+        "fl = jax.jit(lambda w, f: jnp.tensordot(w, f, axes=1))\n"
+        "d = jax.jit(gk.dot)\n"
+        "r = gk._time({'floor': lambda: jax.block_until_ready(fl(w, f)),"
+        f" 'dot': lambda: jax.block_until_ready(d(f))}}, {rounds})\n"
+        "print('RESULT', json.dumps(r))\n"
+    )
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + NO_YNN_FLAG).strip()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    return None
+
+
 def section(
     rep: Any, threads: int, tasks: tuple[int, ...] = (2, 8, 32), p: int = 1_000_000
 ) -> None:
@@ -168,10 +210,19 @@ def section(
             else:
                 row.append("—")
         rows.append(row)
+    no_ynn = {t: measure_dot_without_ynn(t, p) for t in tasks}
+    row = [f"dot, `XLA_FLAGS={NO_YNN_FLAG}` (own process)"]
+    for t in tasks:
+        r = no_ynn[t]
+        row.append("failed" if r is None else f"{ms(r['dot'])} ({r['dot'] / r['floor']:.1f}x)")
+    rows.append(row)
     rep.add("## 5. Gramian kernels (one leaf)")
     rep.add(
         f"`G = F F^T` of one (T, P={p:.0e}) float32 leaf: median ms (ratio to the floor "
         "`w @ F`), and max |G - G_f64| / max |G_f64| against a NumPy float64 Gramian. "
-        f"`core` is `optax_balance._core.leaf_gram`. Load before: {load_before}; after: {load()}."
+        f"`core` is `optax_balance._core.leaf_gram`. The last row runs the plain dot in a "
+        "separate process with XLA's YNNPACK dot fusion switched off (XLA then uses Eigen); "
+        "the library cannot set that flag, a user can. "
+        f"Load before: {load_before}; after: {load()}."
     )
     rep.add(table(["kernel"] + [f"T={t}" for t in tasks], rows))
