@@ -13,7 +13,8 @@ markdown tables and writes them, with the machine's description, to
 
 Timing: every figure is the median of repeated calls after two warm-up calls, each call
 ended by ``block_until_ready``. The two sides of every ratio are timed back to back in
-the same process, interleaved call by call, so machine load hits both alike.
+the same process, interleaved call by call, and the ratio is the median over rounds of
+the two timings of the same round, so machine load hits both alike.
 """
 
 from __future__ import annotations
@@ -70,8 +71,20 @@ def load() -> str:
         return "n/a"
 
 
-def interleaved(calls: dict[str, Callable[[], Any]]) -> dict[str, float]:
-    """Median seconds per call of each callable, timed round-robin (two warm-up calls).
+class Timings(dict):
+    """Median seconds per callable, plus the per-round samples for ratios."""
+
+    def __init__(self, samples: dict[str, list[float]]) -> None:
+        super().__init__({k: float(np.median(v)) for k, v in samples.items()})
+        self.samples = samples
+
+    def ratio(self, a: str, b: str) -> float:
+        """Median over rounds of ``a / b`` timed in the same round (robust to load swings)."""
+        return float(np.median(np.asarray(self.samples[a]) / np.asarray(self.samples[b])))
+
+
+def interleaved(calls: dict[str, Callable[[], Any]]) -> Timings:
+    """Seconds per call of each callable, timed round-robin (two warm-up calls).
 
     In each round every callable runs twice and the second call is timed: the first call
     after switching libraries (torch <-> XLA thread pools) is often slowed by the switch.
@@ -89,7 +102,7 @@ def interleaved(calls: dict[str, Callable[[], Any]]) -> dict[str, float]:
             times[k].append(time.perf_counter() - t0)
         if r + 1 >= MIN_ROUNDS and time.perf_counter() - start > CELL_SECONDS:
             break
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return Timings(times)
 
 
 def ms(seconds: float) -> str:
@@ -181,7 +194,7 @@ def torchjd_setup(rep: Report) -> Any:
     return torch, torchjd.aggregation, torch.__version__, version
 
 
-def agg_cell(m: BenchMethod, t: int, grads: Any, tmat: Any, tj: Any) -> dict[str, float]:
+def agg_cell(m: BenchMethod, t: int, grads: Any, tmat: Any, tj: Any) -> Timings:
     """Floor, ours and (where paired) torchjd on one cell, interleaved; median seconds."""
     losses = jnp.linspace(1.0, 2.0, t)
     w = jnp.full((t,), 1.0 / t, jnp.float32)
@@ -218,7 +231,7 @@ def bench_aggregation(methods: list[BenchMethod], rep: Report, tj: Any) -> None:
             del tree_np, mat
             for m in methods:
                 res = agg_cell(m, t, grads, tmat, tj)
-                ratio = res["ours"] / res["floor"]
+                ratio = res.ratio("ours", "floor")
                 target = TARGET[m.kind]
                 ok = ratio <= target
                 cell = f"{m.name} T={t} P={p:.0e}"
@@ -239,7 +252,7 @@ def bench_aggregation(methods: list[BenchMethod], rep: Report, tj: Any) -> None:
                     ]
                 )
                 if "torchjd" in res:
-                    r = res["ours"] / res["torchjd"]
+                    r = res.ratio("ours", "torchjd")
                     if r >= 1.0:
                         rep.misses.append(f"torchjd {cell}: ours/theirs = {r:.2f} (not faster)")
                     rows_tj.append(
@@ -337,7 +350,7 @@ def make_step(tx: optax.GradientTransformationExtraArgs | None, t: int) -> Calla
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def step_cell(m: BenchMethod, t: int, key: jax.Array, x: jax.Array, y: jax.Array) -> Any:
+def step_cell(m: BenchMethod, t: int, key: jax.Array, x: jax.Array, y: jax.Array) -> Timings:
     """The equal-weight step and the method's step, interleaved; median seconds."""
     tx = m.make(t, shared=SHARED)
     steps = {"base": make_step(None, t), "ours": make_step(tx, t)}
@@ -366,7 +379,7 @@ def bench_train_step(methods: list[BenchMethod], rep: Report) -> None:
         n_trunk = sum(v.size for v in jax.tree.leaves(mlp_params(t, key)["trunk"]))
         for m in methods:
             res = step_cell(m, t, key, x, y)
-            ratio = res["ours"] / res["base"]
+            ratio = res.ratio("ours", "base")
             flag = ""
             if t == STEP_TARGET_T:
                 ok = ratio <= STEP_TARGET
