@@ -66,12 +66,17 @@ def select(names: str | None) -> tuple[list[BenchMethod], list[str]]:
     for m in METHODS:
         if wanted is not None and m.name not in wanted:
             continue
-        if m.available():
-            chosen.append(m)
-        else:
+        if not m.available():
             notes.append(
                 f"`ob.{m.factory}` is not in this build of optax_balance: {m.name} skipped."
             )
+            continue
+        try:
+            m.make(2)
+        except (TypeError, ValueError) as e:
+            notes.append(f"`ob.{m.factory}` could not be built as listed ({e}): {m.name} skipped.")
+            continue
+        chosen.append(m)
     if wanted is not None:
         unknown = wanted - {m.name for m in METHODS}
         notes += [f"unknown method {n!r} (not in benchmarks/methods.py)" for n in sorted(unknown)]

@@ -206,7 +206,7 @@ def agg_cell(m: BenchMethod, t: int, grads: Any, tmat: Any, tj: Any) -> Timings:
         "floor": lambda: jax.block_until_ready(floor(w, grads)),
         "ours": lambda: jax.block_until_ready(upd(grads, state, losses)),
     }
-    if tj is not None and m.torchjd is not None:
+    if tj is not None and m.torchjd is not None and hasattr(tj[1], m.torchjd):
         torch, tja = tj[0], tj[1]
         agg = getattr(tja, m.torchjd)(**m.torchjd_kwargs(t))
 

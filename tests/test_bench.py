@@ -47,3 +47,17 @@ def test_bench_quick_prints_tables(tmp_path: pathlib.Path) -> None:
     assert float(row[4]) > 0 and float(row[5]) > 0
     assert "unknown method 'not_a_method'" in text
     assert "| mgda | " in text.split("## 4. Compile time")[1]
+
+
+def test_method_list_skips_what_the_library_lacks(monkeypatch) -> None:
+    from benchmarks import methods
+
+    ghost = methods.BenchMethod("ghost", "no_such_method_in_optax_balance", "gram")
+    broken = methods.BenchMethod("broken", "mgda", "gram", kwargs=lambda t: {"bogus": 1})
+    monkeypatch.setattr(methods, "METHODS", [*methods.METHODS, ghost, broken])
+    chosen, notes = methods.select("mgda,ghost,broken")
+    assert [m.name for m in chosen] == ["mgda"]
+    assert any("`ob.no_such_method_in_optax_balance` is not in this build" in n for n in notes)
+    assert any("`ob.mgda` could not be built as listed" in n for n in notes)
+    all_chosen, _ = methods.select(None)
+    assert {"mgda", "balancer"} <= {m.name for m in all_chosen}
