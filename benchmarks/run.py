@@ -457,10 +457,12 @@ WHY = """Why (what this benchmark's own tables show):
 
 - **Gramian methods, T >= 8, P = 1e6 (floor and torchjd).** The Gramian `J J^T` is a
   (T, P) x (P, T) product: a tiny output and a very long contraction. XLA on CPU lowers
-  every form of it we could write (plain, transposed, batched over blocks of P, split
-  into k dots, with size-1 batch dims) to its YNNPACK dot, which runs it at 4-14x the
-  one-pass floor; PyTorch's GEMM takes 2-3x, and XLA's Eigen dot, reachable only with
-  `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`, 3-4x (section 5). Fused
+  every form of it we tried (plain, on F.T, batched over blocks of P, split into k dots,
+  rank-k reshapes, size-1 batch dims, explicit dot algorithms, folding P into rows) to
+  its YNNPACK dot, which runs it at 4-14x the one-pass floor; the only forms that escape
+  it need a materialised transpose of J (costing more than they save). PyTorch's GEMM
+  takes 2-3x, and XLA's Eigen dot, reachable only with
+  `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`, 4-5x (section 5). Fused
   elementwise reductions beat the dot only for T <= 2 (they read J once, but their
   work grows as T^2 per element), so the core uses them there and the dot above.
   torchjd's MGDA/UPGrad spend the same Gramian plus Python-level solver loops; where
