@@ -1,6 +1,8 @@
 # Two commands on a fresh machine with only Python 3 and make:
 #   make demo   -> creates .venv, installs the package, runs examples/quickstart.py
 #   make test   -> creates .venv with the dev extras, runs the whole test suite
+#   make bench  -> creates .venv with the bench extra (torch, torchjd), runs benchmarks/run.py
+#                  and writes benchmarks/RESULTS.md (BENCH_QUICK=1: a quick smoke run)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -19,11 +21,26 @@ $(VENV)/.installed-dev: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(VENV)/.installed $@
 
+# The torch wheel for the bench extra: a CPU build unless you say otherwise, e.g.
+#   make bench TORCH="torch==2.13.0" TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+
+$(VENV)/.installed-bench: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH)"
+	$(PY) -m pip install -q -e ".[bench]"
+	touch $(VENV)/.installed $@
+
 demo: $(VENV)/.installed
 	$(PY) examples/quickstart.py
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest
+
+bench: $(VENV)/.installed-bench
+	$(PY) -m benchmarks.run
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check optax_balance tests examples benchmarks

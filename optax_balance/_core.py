@@ -264,19 +264,48 @@ def _replicated_if_explicit(g: Array) -> Any:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
+# For T <= 2 the Gramian is written as fused elementwise reductions rather than a dot:
+# XLA's CPU dot for a (T, n) x (n, T) product with a tiny output and a long contraction
+# costs 3-6x one pass over the gradients at T=2, n=1e6, while the reductions below read
+# each row once (1.1-1.5x; benchmarks/gram_kernels.py has the figures). Viewing the row
+# as (n / blk, blk) blocks lets XLA vectorise the reduction of the (2, 2, n) products; any
+# block size from 16 to 1024 that divides n does. For T > 2 the dot is the fastest form
+# measured (batched, split, transposed and blocked variants were all slower).
+_SMALL_T = 2
+
+
+def _block_size(n: int) -> int | None:
+    for b in (*range(64, 1025), *range(63, 15, -1)):
+        if n % b == 0:
+            return b
+    return None
+
+
 def leaf_gram(g: Array) -> Array:
-    """``g.reshape(T, -1) @ g.reshape(T, -1).T`` with f32 accumulation, full precision."""
+    """``g.reshape(T, -1) @ g.reshape(T, -1).T`` accumulated in the statistics dtype."""
+    t = g.shape[0]
+    dt = stat_dtype()
     axes = _rest(g)
     out_sharding = _replicated_if_explicit(g)
+    if t == 1:
+        x = g.astype(dt)
+        return jnp.sum(x * x, axis=axes).reshape(1, 1)
+    if t <= _SMALL_T and out_sharding is None:
+        x = g.reshape(t, -1).astype(dt)
+        n = x.shape[1]
+        blk = _block_size(n)
+        if blk is not None:
+            xb = x.reshape(t, n // blk, blk)
+            return jnp.sum(xb[:, None] * xb[None, :], axis=(2, 3))
+        sq = jnp.sum(x * x, axis=1)
+        off = jnp.sum(x[0] * x[1])
+        return jnp.stack([sq[0], off, off, sq[1]]).reshape(2, 2)
+    # A reshape that merges an Explicit-sharded axis is an error: contract the axes as
+    # they are, naming the (replicated) output sharding when one is needed.
     kw = {} if out_sharding is None else {"out_sharding": out_sharding}
     return jax.lax.dot_general(
-        g,
-        g,
-        ((axes, axes), ((), ())),
-        precision=_HIGHEST,
-        preferred_element_type=stat_dtype(),
-        **kw,
-    ).astype(stat_dtype())
+        g, g, ((axes, axes), ((), ())), precision=_HIGHEST, preferred_element_type=dt, **kw
+    ).astype(dt)
 
 
 def leaf_sq_norms(g: Array) -> Array:

@@ -1,0 +1,83 @@
+"""The one list of methods the benchmark measures: one line per method.
+
+A line names the ``optax_balance`` factory (looked up with ``getattr``, so a method that is
+not in this build of the library is skipped with a printed note), the keyword arguments
+it is built with, the target class (``"gram"``: needs the Gramian, about two passes over
+the gradients, target 3x the one-pass floor; ``"norm"``: needs only norms, target 2x),
+and the torchjd aggregator it is compared with (``None``: torchjd has no counterpart).
+Both libraries run with their default hyperparameters unless the line says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any, Literal
+
+import optax
+
+import optax_balance as ob
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchMethod:
+    name: str
+    factory: str  # attribute of optax_balance
+    kind: Literal["gram", "norm"]
+    kwargs: Callable[[int], dict[str, Any]] = lambda t: {}
+    torchjd: str | None = None  # class name in torchjd.aggregation
+    torchjd_kwargs: Callable[[int], dict[str, Any]] = lambda t: {}
+    needs_losses: bool = False
+
+    def available(self) -> bool:
+        return callable(getattr(ob, self.factory, None))
+
+    def make(self, num_tasks: int, **extra: Any) -> optax.GradientTransformationExtraArgs:
+        """Builds the method for ``num_tasks`` tasks (``num_tasks=`` is passed if accepted)."""
+        factory = getattr(ob, self.factory)
+        kw = dict(self.kwargs(num_tasks))
+        params = inspect.signature(factory).parameters
+        if "num_tasks" in params and "num_tasks" not in kw:
+            kw["num_tasks"] = num_tasks
+        return factory(**kw, **extra)
+
+
+M = BenchMethod
+METHODS: list[BenchMethod] = [
+    M("mgda", "mgda", "gram", torchjd="MGDA"),
+    M("upgrad", "upgrad", "gram", torchjd="UPGrad"),
+    M("dualproj", "dualproj", "gram", torchjd="DualProj"),
+    M("pcgrad", "pcgrad", "gram", torchjd="PCGrad"),
+    M("cagrad", "cagrad", "gram", torchjd="CAGrad", torchjd_kwargs=lambda t: {"c": 0.5}),
+    M("imtl_g", "imtl_g", "gram", torchjd="IMTLG"),
+    M("nash_mtl", "nash_mtl", "gram", torchjd="NashMTL", torchjd_kwargs=lambda t: {"n_tasks": t}),
+    M("aligned_mtl", "aligned_mtl", "gram", torchjd="AlignedMTL"),
+    M("balancer", "balancer", "norm", kwargs=lambda t: {"weights": [1.0] * t}),
+    M("gradnorm", "gradnorm", "norm", needs_losses=True),
+    M("metabalance", "metabalance", "norm"),
+]
+
+
+def select(names: str | None) -> tuple[list[BenchMethod], list[str]]:
+    """The methods to run (all, or the comma-separated ``names``) and notes on skipped ones."""
+    wanted = None if not names else {n.strip() for n in names.split(",") if n.strip()}
+    chosen, notes = [], []
+    for m in METHODS:
+        if wanted is not None and m.name not in wanted:
+            continue
+        if not m.available():
+            notes.append(
+                f"`ob.{m.factory}` is not in this build of optax_balance: {m.name} skipped."
+            )
+            continue
+        try:
+            m.make(2)
+        except (TypeError, ValueError) as e:
+            notes.append(f"`ob.{m.factory}` could not be built as listed ({e}): {m.name} skipped.")
+            continue
+        chosen.append(m)
+    if wanted is not None:
+        unknown = wanted - {m.name for m in METHODS}
+        notes += [f"unknown method {n!r} (not in benchmarks/methods.py)" for n in sorted(unknown)]
+    return chosen, notes
