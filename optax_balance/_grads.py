@@ -111,6 +111,9 @@ def task_weights(opt_state: Any) -> jax.Array:
             "optax.chain(ob.mgda(), optax.adam(1e-3))."
         )
     w = found[0].weights
-    if not isinstance(w, jax.Array) and hasattr(w, "value"):
-        w = w.value  # flax.nnx Variable
+    if not isinstance(w, jax.Array):  # a flax.nnx Variable (nnx.Optimizer wraps its state)
+        if callable(getattr(type(w), "get_value", None)):
+            w = w.get_value()  # flax >= 0.12: `.value` is deprecated
+        elif hasattr(w, "value"):
+            w = w.value
     return w
