@@ -9,16 +9,22 @@ leading task axis, as from :func:`value_and_task_grads`, ``jax.vmap(jax.grad)`` 
 
 from optax_balance._balancer import BalancerState, balancer
 from optax_balance._core import Stats
+from optax_balance._gradnorm import GradNormState, gradnorm
 from optax_balance._grads import task_weights, value_and_task_grads
+from optax_balance._metabalance import MetaBalanceState, metabalance
 from optax_balance._mgda import MGDAState, mgda
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BalancerState",
+    "GradNormState",
     "MGDAState",
+    "MetaBalanceState",
     "Stats",
     "balancer",
+    "gradnorm",
+    "metabalance",
     "mgda",
     "task_weights",
     "value_and_task_grads",

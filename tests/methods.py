@@ -38,6 +38,12 @@ METHODS: list[Method] = [
     ),
     Method("balancer", lambda t, **kw: ob.balancer([1.0] * t, **kw)),
     Method("balancer_plain", lambda t, **kw: ob.balancer([1.0] * t, balance_grads=False, **kw)),
+    Method("gradnorm", lambda t, **kw: ob.gradnorm(t, **kw), needs_losses=True),
+    Method(
+        "metabalance",
+        lambda t, **kw: ob.metabalance(num_tasks=t, **kw),
+        permutation_invariant=False,
+    ),
 ]
 
 METHOD_IDS = [m.name for m in METHODS]
