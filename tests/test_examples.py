@@ -104,3 +104,18 @@ def test_gradnorm_toy_fast(tmp_path: pathlib.Path) -> None:
     assert "note:" not in out  # every method is present in this checkout
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out_png.stat().st_size > 20_000  # a real figure, not an empty canvas
+
+
+def test_multi_digits_fast() -> None:
+    pytest.importorskip("sklearn")
+    out = run_example("multi_digits.py", "--steps", "60")
+    rows = {}
+    for name in ("equal weights", "MGDA", "GradNorm", "balancer", "MetaBalance"):
+        m = re.search(rf"^{name}\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)", out, re.MULTILINE)
+        assert m, (name, out)
+        rows[name] = [float(v) for v in m.groups()]
+    for name, (left, right, mean) in rows.items():
+        assert 0.0 <= left <= 1.0 and 0.0 <= right <= 1.0, (name, out)
+        assert abs(mean - (left + right) / 2) < 2e-3, (name, out)
+    # 60 steps are enough to beat chance (0.1) on the task each method favours.
+    assert all(max(r[:2]) > 0.2 for r in rows.values()), out
