@@ -18,8 +18,8 @@ shows:
   ignore the losses, plain ``apply_gradients(grads=stacked_grads)`` also works.)
 * the task weights logged with ``ob.task_weights(state.opt_state)``.
 
-Here the method is the EnCodec balancer (each task gets an equal share of the trunk's
-gradient norm); swap in any other method, including those that need the losses.
+Here the method is GradNorm, which needs the losses: it learns task weights (summing to
+T) that equalise the tasks' training rates, so the 100x task's weight falls towards 0.
 
 Run:  python examples/flax_linen.py             (about 10 s on a laptop CPU)
       python examples/flax_linen.py --steps 20  (fast)
@@ -103,7 +103,7 @@ def main(steps: int = 600) -> None:
     model = MultiTaskMLP(hidden=64, num_tasks=len(SCALES))
     params = model.init(jax.random.key(1), x[:1])
     tx = optax.chain(
-        ob.balancer([1.0] * len(SCALES), shared=shared_mask),  # equal share of the trunk
+        ob.gradnorm(len(SCALES), alpha=1.5, shared=shared_mask),  # needs task_losses
         optax.adam(3e-3),
     )
     state = BalancedTrainState.create(apply_fn=model.apply, params=params, tx=tx)
