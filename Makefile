@@ -1,5 +1,5 @@
 # Two commands on a fresh machine with only Python 3 and make:
-#   make demo   -> creates .venv, installs the package, runs examples/quickstart.py
+#   make demo   -> creates .venv, installs the package (+ examples extras), runs examples/quickstart.py
 #   make test   -> creates .venv with the dev extras, runs the whole test suite
 PYTHON ?= python3
 VENV := .venv
