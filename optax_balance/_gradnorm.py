@@ -30,6 +30,12 @@ class GradNormState(NamedTuple):
     weight_opt_state: optax.OptState
 
 
+def _safe_sqrt(x: jax.Array) -> jax.Array:
+    """``sqrt(x)`` with a zero (not infinite) derivative at 0: a double ``where``."""
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
 def inverse_training_rates(
     losses: jax.Array, initial_losses: jax.Array, has_initial_loss: jax.Array
 ) -> jax.Array:
@@ -101,6 +107,11 @@ def gradnorm(
     trains slower than average (:math:`r_i > 1`) is given a larger gradient norm target,
     so its weight grows. Note the L2 norm itself is compared, and :math:`\alpha` is the
     exponent on :math:`r_i` only.
+    :math:`G_i` is computed as :math:`w_i \|g_i\|` (equal, since :math:`w_i \ge 0`), whose
+    derivative at :math:`w_i = 0` is :math:`\|g_i\|`, so a weight clipped to 0 can grow
+    again. Leaves marked task-specific in ``shared`` are summed unweighted; with
+    ``shared=None`` every leaf, task heads included, is weighted, which is the paper's
+    :math:`\sum_i w_i L_i`.
 
     Timing: the network moves with :math:`w(t)`, the weights held at the *start* of the
     step (as in the paper, the weighted loss and the GradNorm loss are formed with the
@@ -167,14 +178,12 @@ def gradnorm(
     t_cfg = _core.check_num_tasks(num_tasks, required=True)
     assert t_cfg is not None
     _core.check_range("alpha", alpha, low=0.0)
-    if weight_optimizer is None:
-        weight_optimizer = optax.adam(1e-2)
-    if not (hasattr(weight_optimizer, "init") and hasattr(weight_optimizer, "update")):
+    wopt = optax.adam(1e-2) if weight_optimizer is None else weight_optimizer
+    if not (hasattr(wopt, "init") and hasattr(wopt, "update")):
         raise ValueError(
             "`weight_optimizer` must be an optax GradientTransformation (with `init` and "
             f"`update`), e.g. optax.adam(1e-2); got {weight_optimizer!r}."
         )
-    wopt = weight_optimizer
 
     def init_state(t: int, params: Any) -> GradNormState:
         del params
@@ -190,7 +199,7 @@ def gradnorm(
     def weigh(stats: _core.Stats, state: GradNormState) -> tuple[jax.Array, GradNormState]:
         assert stats.sq_norms is not None and stats.losses is not None
         losses = stats.losses
-        norms = jnp.sqrt(stats.sq_norms)
+        norms = _safe_sqrt(stats.sq_norms)
         record = jnp.logical_not(state.has_initial_loss) & (losses > 0)
         initial = jnp.where(record, losses, state.initial_losses)
         has_initial = state.has_initial_loss | record
@@ -198,7 +207,7 @@ def gradnorm(
         w = state.weights
         grad_w = jax.grad(gradnorm_loss)(w, norms, rates, alpha)
         upd, opt_state = wopt.update(grad_w, state.weight_opt_state, w)
-        w_next = _renormalise(optax.apply_updates(w, upd).astype(w.dtype))
+        w_next = _renormalise(jnp.asarray(optax.apply_updates(w, upd), w.dtype))
         return w, GradNormState(
             weights=w_next,
             initial_losses=initial,

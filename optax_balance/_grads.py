@@ -111,9 +111,9 @@ def task_weights(opt_state: Any) -> jax.Array:
             "optax.chain(ob.mgda(), optax.adam(1e-3))."
         )
     w = found[0].weights
-    if not isinstance(w, jax.Array):  # a flax.nnx Variable (nnx.Optimizer wraps its state)
-        if callable(getattr(type(w), "get_value", None)):
-            w = w.get_value()  # flax >= 0.12: `.value` is deprecated
+    if not isinstance(w, jax.Array):  # flax.nnx Variable (`.value` is deprecated in 0.12)
+        if hasattr(w, "get_value"):
+            w = w.get_value()
         elif hasattr(w, "value"):
             w = w.value
     return w

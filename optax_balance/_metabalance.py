@@ -35,6 +35,12 @@ class MetaBalanceState(NamedTuple):
     ema_norms: Any
 
 
+def _safe_sqrt(x: jax.Array) -> jax.Array:
+    """``sqrt(x)`` with a zero (not infinite) derivative at 0: a double ``where``."""
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
 def _is_none(x: Any) -> bool:
     return x is None
 
@@ -83,7 +89,7 @@ def effective_weights(leaf_w: Any, leaf_sq: Any, num_tasks: int) -> jax.Array:
     den = sum(sqs[1:], sqs[0])
     mean_w = sum(ws[1:], ws[0]) / len(ws)
     pos = den > 0
-    return jnp.where(pos, jnp.sqrt(num / jnp.where(pos, den, 1.0)), mean_w).astype(dt)
+    return jnp.where(pos, _safe_sqrt(num / jnp.where(pos, den, 1.0)), mean_w).astype(dt)
 
 
 def metabalance(
@@ -169,7 +175,7 @@ def metabalance(
       Array([ 3. , 10.5], dtype=float32)
 
     References:
-      He, Feng, Cheng, Li, Zhang, Sun & Ding, `MetaBalance: Improving Multi-Task
+      He, Feng, Cheng, Ji, Guo & Caverlee, `MetaBalance: Improving Multi-Task
       Recommendations via Adapting Gradient Magnitudes of Auxiliary Tasks
       <https://arxiv.org/abs/2203.06801>`_, WWW 2022 (Algorithm 1);
       reference code ``facebookresearch/MetaBalance``.
@@ -184,7 +190,10 @@ def metabalance(
         or isinstance(main_task, bool)
         or main_task < 0
     ):
-        raise ValueError(f"`main_task` must be an int in [0, T), got {main_task!r}.")
+        raise ValueError(
+            f"`main_task` must be a Python int in [0, T), got {main_task!r} (under "
+            "optax.inject_hyperparams, list it in `static_args`)."
+        )
     main = int(main_task)
     if t_cfg is not None and main >= t_cfg:
         raise ValueError(f"`main_task` must be in [0, {t_cfg}) for num_tasks={t_cfg}, got {main}.")
@@ -203,7 +212,7 @@ def metabalance(
     def weigh(stats: _core.Stats, state: MetaBalanceState) -> tuple[Any, MetaBalanceState]:
         sq = stats.leaf_sq_norms
         ema = jax.tree.map(
-            lambda m, s: None if s is None else beta * m + (1.0 - beta) * jnp.sqrt(s),
+            lambda m, s: None if s is None else beta * m + (1.0 - beta) * _safe_sqrt(s),
             state.ema_norms,
             sq,
             is_leaf=_is_none,
