@@ -1,5 +1,5 @@
 # Two commands on a fresh machine with only Python 3 and make:
-#   make demo   -> creates .venv, installs the package, runs examples/quickstart.py
+#   make demo   -> creates .venv, installs the package (+ examples extras), runs examples/quickstart.py
 #   make test   -> creates .venv with the dev extras, runs the whole test suite
 #   make bench  -> creates .venv with the bench extra (torch, torchjd), runs benchmarks/run.py
 #                  and writes benchmarks/RESULTS.md (BENCH_QUICK=1: a quick smoke run)
@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e ".[examples]"
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml
