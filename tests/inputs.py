@@ -217,9 +217,17 @@ def combination(weights: Any, j: np.ndarray) -> np.ndarray:
     return np.asarray(weights, np.float64) @ np.asarray(j, np.float64)
 
 
-def tolerance_of(j: np.ndarray) -> float:
-    """Absolute tolerance for inner products of rows of ``J`` computed in float32."""
-    return 1e-4 * float(np.max(np.sum(np.asarray(j, np.float64) ** 2, axis=1), initial=0.0))
+def conflict_tolerance(j: np.ndarray, weights: Any) -> np.ndarray:
+    """Per-task tolerance for ``g_i . d`` with ``d = sum_j w_j g_j`` computed in float32.
+
+    Cauchy-Schwarz bounds on the rounding: ``1e-4 ||g_i|| sum_j |w_j| ||g_j||`` (relative
+    error of the combination) plus ``1e-5 ||g_i|| max_j ||g_j||`` (weights resolved to
+    the solver's epsilon, 1e-5, on the simplex). Per task, so a task 1e3 smaller than another is
+    held to its own scale.
+    """
+    norms = np.sqrt(np.sum(np.asarray(j, np.float64) ** 2, axis=1))
+    w = np.abs(np.asarray(weights, np.float64))
+    return 1e-4 * norms * (w @ norms) + 1e-5 * norms * norms.max(initial=0.0)
 
 
 def method_params(methods: Sequence[Method], pred: Callable[[Method], bool]) -> list[Any]:

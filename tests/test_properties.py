@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tests import inputs as I
@@ -60,6 +60,18 @@ def _run(m, j, losses):
     return I.flat(out), np.asarray(state.weights, np.float64)
 
 
+# Found by this suite (hunt profile): one task ~1e3 larger than the others in 3
+# dimensions; the MGDA solver stopped on absolute tolerances and returned a point that
+# conflicts with the large task (g_0 . d = -41 at the optimum's scale 0.2).
+_J_LARGE = np.zeros((3, I.N), np.float32)
+_J_LARGE[:, :3] = [
+    [3.5158572e02, -5.0114763e-01, 4.9403143e02],
+    [-3.2965273e-01, 4.2770422e-01, 4.0459886e-01],
+    [2.8334540e-01, 4.9307165e-01, -5.3709334e-01],
+]
+_FOUND = (_J_LARGE, np.array([1.4523758, 2.2753484, 1.4141048], np.float32))
+
+
 def _params(flag):
     return [pytest.param(m, id=m.name) for m in METHODS if getattr(m, flag)]
 
@@ -83,10 +95,12 @@ def test_permutation(m, prob, data):
 
 @pytest.mark.parametrize("m", _params("non_conflicting"))
 @given(prob=problems())
+@example(prob=_FOUND)
 def test_non_conflicting(m, prob):
     j, losses = prob
-    d, _ = _run(m, j, losses)
-    assert np.all(j.astype(np.float64) @ d >= -I.tolerance_of(j))
+    d, w = _run(m, j, losses)
+    tol = I.conflict_tolerance(j, w)
+    assert np.all(j.astype(np.float64) @ d >= -tol), (j.astype(np.float64) @ d, tol)
 
 
 @pytest.mark.parametrize("m", _params("homogeneous"))
@@ -127,6 +141,7 @@ def test_scale_invariant_output(m, prob, data):
 
 @pytest.mark.parametrize("m", _params("kkt"))
 @given(prob=problems())
+@example(prob=_FOUND)
 def test_kkt(m, prob):
     j, losses = prob
     _, a = _run(m, j, losses)
@@ -135,7 +150,11 @@ def test_kkt(m, prob):
     assert np.all(a >= -1e-6) and abs(a.sum() - 1.0) < 1e-5, a
     ga = mat @ a
     obj = a @ ga
-    tol = 1e-4 * max(np.abs(np.diag(mat)).max(), 1e-30)
-    assert np.all(ga >= obj - tol), (ga - obj, tol)
+    # Rounding scale of (M a)_i - a^T M a in float32, per index (Cauchy-Schwarz with
+    # r_i = sqrt(M_ii)): a task far smaller than another is held to its own scale; plus
+    # weights resolved to the solver's epsilon (1e-5) on the simplex.
+    r = np.sqrt(np.maximum(np.diag(mat), 0.0))
+    tol = 1e-4 * (r * (r @ a) + (r @ a) ** 2) + 1e-5 * r * r.max() + 1e-30
+    assert np.all(ga >= obj - tol), (ga - obj, a, tol)
     support = a > 1e-4
-    assert np.all(np.abs(ga[support] - obj) <= tol), (ga - obj, a, tol)
+    assert np.all(np.abs(ga[support] - obj) <= tol[support]), (ga - obj, a, tol)
