@@ -62,45 +62,30 @@ def _update_fn(tx, **extra):
 
 
 @pytest.mark.parametrize("m", ALL)
-def test_unknown_kwargs_ignored_and_no_recompilation(m):
+def test_jit_contract(m):
+    """Unknown keywords ignored; traced and compiled once; state stable through lax.cond."""
     tx = m.make(T)
     traces = []
     inner = _update_fn(tx, value=jnp.float32(3.0), unknown_extra=1, other=None)
 
     @jax.jit
-    def step(g, s, losses):
+    def maybe_step(pred, g, s, losses):
         traces.append(None)  # runs once per trace
-        return inner(g, s, losses)
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), g)
+        return jax.lax.cond(pred, lambda s: inner(g, s, losses), lambda s: (zeros, s), s)
 
     s0 = tx.init(I.params())
-    out1, s1 = step(I.tree(J0), s0, L0)
-    out2, s2 = step(I.tree(J1), s1, 2.0 * L0)
-    _, _ = step(I.tree(J0), s2, L0)
-    assert len(traces) == 1 and step._cache_size() == 1, "update was traced/compiled again"
-    # The state keeps shapes, dtypes and weak types: a jit cache hit on the next call.
-    assert I.avals(s1) == I.avals(s0)
-    assert I.avals(s2) == I.avals(s0)
-    # Unknown keywords change nothing.
+    out1, s1 = maybe_step(True, I.tree(J0), s0, L0)
+    out2, s2 = maybe_step(True, I.tree(J1), s1, 2.0 * L0)
+    out3, s3 = maybe_step(False, I.tree(J0), s2, L0)
+    assert len(traces) == 1 and maybe_step._cache_size() == 1, "traced/compiled again"
+    # The state keeps shapes, dtypes and weak types (else the second call would retrace).
+    assert I.avals(s1) == I.avals(s0) and I.avals(s2) == I.avals(s0)
+    assert I.trees_equal(s3, s2) and not np.any(I.flat(out3))
+    # Unknown keywords change nothing: the same as the plain update.
     st = I.stepper(m.name, T)
     ref_out, ref_state = st.step(I.tree(J0), s0, L0)
     assert I.trees_equal(out1, ref_out) and I.trees_equal(s1, ref_state)
-
-
-@pytest.mark.parametrize("m", ALL)
-def test_state_stable_through_lax_cond(m):
-    tx = m.make(T)
-    step = _update_fn(tx)
-
-    @jax.jit
-    def maybe_step(pred, g, s, losses):
-        return jax.lax.cond(pred, lambda s: step(g, s, losses)[1], lambda s: s, s)
-
-    s0 = tx.init(I.params())
-    ref = I.stepper(m.name, T).step(I.tree(J0), s0, L0)[1]
-    s1 = maybe_step(True, I.tree(J0), s0, L0)
-    assert I.trees_equal(s1, ref)
-    assert I.trees_equal(maybe_step(False, I.tree(J0), s1, L0), s1)
-    assert I.avals(s1) == I.avals(s0)
 
 
 @pytest.mark.parametrize("m", ALL)
@@ -191,16 +176,14 @@ def test_inject_hyperparams(m):
     plain = m.factory(**static, **new)
 
     @jax.jit
-    def two_steps(s_inj, s_plain):
-        outs = []
-        for j, losses in ((J0, L0), (J1, 2.0 * L0)):
-            o1, s_inj = _update_fn(inj)(I.tree(j), s_inj, losses)
-            o2, s_plain = _update_fn(plain)(I.tree(j), s_plain, losses)
-            outs.append((o1, o2))
-        return outs, s_inj, s_plain
+    def both(g, s_inj, s_plain, losses):
+        o1, s_inj = _update_fn(inj)(g, s_inj, losses)
+        o2, s_plain = _update_fn(plain)(g, s_plain, losses)
+        return (o1, o2), s_inj, s_plain
 
-    outs, s_inj, s_plain = two_steps(s_inj, plain.init(I.params()))
-    for o1, o2 in outs:
+    s_plain = plain.init(I.params())
+    for j, losses in ((J0, L0), (J1, 2.0 * L0)):
+        (o1, o2), s_inj, s_plain = both(I.tree(j), s_inj, s_plain, losses)
         np.testing.assert_allclose(I.flat(o1), I.flat(o2), rtol=1e-5, atol=1e-7)
     for a, b in zip(jax.tree.leaves(s_inj.inner_state), jax.tree.leaves(s_plain)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
@@ -223,15 +206,11 @@ def test_multisteps_balances_the_mean_gradient(m):
     js = [J0, J1, I.rand_j(3, T)]
     ls = [L0, 2.0 * L0, 0.5 * L0]
 
-    @jax.jit
-    def run(s):
-        outs = []
-        for j, losses in zip(js, ls):
-            o, s = ms.update(I.tree(j), s, None, task_losses=losses)
-            outs.append(o)
-        return outs, s
-
-    outs, s = run(ms.init(stacked_like))
+    update = jax.jit(lambda g, s, losses: ms.update(g, s, None, task_losses=losses))
+    s, outs = ms.init(stacked_like), []
+    for j, losses in zip(js, ls):
+        o, s = update(I.tree(j), s, losses)
+        outs.append(o)
     for o in outs[:-1]:
         np.testing.assert_array_equal(I.flat(o), 0.0)
     st = I.stepper(m.name, T)

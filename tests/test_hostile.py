@@ -30,6 +30,7 @@ from tests.methods import METHODS
 
 ALL = [pytest.param(m, id=m.name) for m in METHODS]
 T = I.HOSTILE_T
+J0 = I.FINITE_CASES["generic"][0]
 
 
 def _check_output_shape(out, dtype=jnp.float32):
@@ -222,3 +223,40 @@ def test_invalid_hyperparameters(m, kwargs, fragment):
     with pytest.raises(ValueError) as e:
         I.build(m, T, **kwargs)
     assert fragment in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("m", ALL)
+def test_task_specific_leaf_summed_and_nan_there(m):
+    """``shared`` marks ``bias`` task-specific: it is summed and takes no part in the weights.
+
+    A NaN there is outside the statistics, so the step is an ordinary one for the method
+    (its weights do not depend on that leaf: the state is the clean step's) and the
+    summed leaf is NaN, which ``optax.apply_if_finite`` after the method sees.
+    """
+    tx = m.make(T, shared={"bias": False, "dense": True})
+    step = jax.jit(
+        jax.vmap(lambda g, s, losses: tx.update(g, s, None, task_losses=losses), (0, None, 0))
+    )
+    nan_in_bias = J0.copy()
+    nan_in_bias[1, 0] = np.nan
+    js = np.stack([J0, nan_in_bias])
+    ls = np.stack([I.losses_for(T)] * 2)
+    outs, states = step(I.tree(js), tx.init(I.params()), ls)
+    clean = jax.tree.map(lambda x: x[0], outs)
+    np.testing.assert_allclose(np.asarray(clean["bias"]), J0[:, :2].sum(0), rtol=1e-6)
+    # The weights are those of the shared leaf alone: the full-tree method on J with the
+    # bias columns zeroed gives the same state.
+    zeroed = J0.copy()
+    zeroed[:, :2] = 0.0
+    st = I.stepper(m.name, T)
+    _, want_state = st.step(I.tree(zeroed), st.init(), I.losses_for(T))
+    got_state = jax.tree.map(lambda x: x[0], states)
+    for a, b in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state)):
+        if jnp.issubdtype(jnp.result_type(a), jnp.inexact):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    nan_out = jax.tree.map(lambda x: x[1], outs)
+    assert not np.all(np.isfinite(np.asarray(nan_out["bias"])))
+    np.testing.assert_array_equal(
+        np.asarray(nan_out["dense"]["w"]), np.asarray(clean["dense"]["w"])
+    )
+    assert I.trees_equal(jax.tree.map(lambda x: x[1], states), jax.tree.map(lambda x: x[0], states))
