@@ -134,6 +134,7 @@ METHODS: list[Method] = [
         factory=ob.mgda,
         static=lambda t: {"norm_type": "loss+", "num_tasks": t},
         invalid=_MGDA_BAD,
+        notes="as mgda_l2: weights from normalised gradients, applied to the raw ones",
     ),
     Method(
         "balancer",
@@ -143,7 +144,7 @@ METHODS: list[Method] = [
         static=lambda t: {"weights": [1.0] * t},
         invalid=_BAL_BAD + (({"weights": [1.0, -1.0]}, "`weights` must be finite and >= 0"),),
         notes="weights are total_norm * w_i / sum(w) / EMA norm_i: they scale as 1/c, the "
-        "output does not",
+        "output does not; a sum of unit directions conflicts for T >= 3",
     ),
     Method(
         "balancer_plain",
@@ -153,6 +154,7 @@ METHODS: list[Method] = [
         factory=ob.balancer,
         static=lambda t: {"weights": [1.0] * t, "balance_grads": False},
         invalid=_BAL_BAD,
+        notes="a fixed weighted sum: conflicts whenever the tasks oppose",
     ),
 ]
 

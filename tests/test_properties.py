@@ -158,3 +158,46 @@ def test_kkt(m, prob):
     assert np.all(ga >= obj - tol), (ga - obj, a, tol)
     support = a > 1e-4
     assert np.all(np.abs(ga[support] - obj) <= tol[support]), (ga - obj, a, tol)
+
+
+# ----------------------------------------------------------------------------------------
+# Unclaimed properties have a counterexample: a method that does not claim a property
+# must fail it somewhere, else the registry under-claims (set the flag).
+# ----------------------------------------------------------------------------------------
+
+
+def _conflict_prone() -> list[np.ndarray]:
+    """T=3 inputs where a direction-blind combination conflicts with task 0."""
+    out = []
+    for s in (1.0, 10.0, 0.01):
+        j = np.zeros((3, I.N), np.float32)
+        j[0, :2] = [1.0, 0.0]
+        j[1, :2] = [-0.9 * s, 0.436 * s]
+        j[2, :2] = [-0.9 * s, -0.436 * s]
+        out.append(j)
+    return out
+
+
+@pytest.mark.parametrize(
+    "m", [pytest.param(m, id=m.name) for m in METHODS if not m.non_conflicting]
+)
+def test_unclaimed_non_conflicting_has_counterexample(m):
+    worst = []
+    for j in _conflict_prone():
+        d, w = _run(m, j, I.losses_for(3))
+        worst.append(np.min(j.astype(np.float64) @ d + I.conflict_tolerance(j, w)))
+    assert min(worst) < 0, (
+        f"{m.name} never conflicts here: claim non_conflicting=True in tests/methods.py"
+    )
+
+
+@pytest.mark.parametrize(
+    "m", [pytest.param(m, id=m.name) for m in METHODS if not m.permutation_invariant]
+)
+def test_unclaimed_permutation_invariance_has_counterexample(m):
+    j, losses = I.rand_j(11, 3), I.losses_for(3)
+    perm = np.array([2, 0, 1])
+    d, w = _run(m, j, losses)
+    d_p, w_p = _run(m, j[perm], losses[perm])
+    same = np.allclose(d_p, d, rtol=1e-3, atol=1e-6) and np.allclose(w_p, w[perm], rtol=1e-3)
+    assert not same, f"{m.name} is permutation invariant here: claim it in tests/methods.py"
