@@ -1,57 +1,211 @@
 """The registry every shared suite runs over: one line per method.
 
 ``make(T, **kw)`` builds the method for T tasks; ``kw`` may hold ``shared``,
-``axis_name`` and ``sync``. Flags say which properties the method claims.
+``axis_name`` and ``sync``. The other fields say which properties the method claims; the
+defaults claim nothing beyond what the shared suites (``test_contract``, ``test_hostile``,
+``test_properties``) demand of every method, so a new method joins by one line and then
+switches on what it claims.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import optax
 
 import optax_balance as ob
 
+# (G, losses) -> the matrix M whose min-norm simplex point the weights are (numpy, f64).
+KKTMatrix = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
 
 @dataclasses.dataclass(frozen=True)
 class Method:
+    """One registry entry.
+
+    Attributes:
+      name: test id.
+      make: ``make(T, **kw)`` builds the transformation for T tasks.
+      needs_losses: ``update`` raises without ``task_losses``.
+      uses_losses: the weights depend on ``task_losses`` (default: ``needs_losses``); a
+        wrongly shaped ``task_losses`` then raises, and a non-finite loss keeps the state.
+      non_conflicting: ``g_i . d >= -tol`` for every task.
+      permutation_invariant: permuting the tasks permutes the weights and leaves the
+        output unchanged.
+      stochastic: uses a PRNG key from its state.
+      homogeneous: from a fresh state, ``A(c J) = c A(J)`` for every ``c > 0`` (the
+        weights do not change when all gradients are scaled together).
+      scale_invariant_weights: from a fresh state, the weights do not change when each
+        task's gradient is scaled by its own ``c_i > 0`` (MGDA-l2).
+      scale_invariant_output: from a fresh state, the output does not change when each
+        task's gradient is scaled by its own ``c_i > 0`` (the EnCodec balancer).
+      kkt: for MGDA-like methods, ``(G, losses) -> M``: the weights are
+        ``argmin_{a in simplex} a^T M a`` and must meet its KKT conditions.
+      factory: the public factory, for ``optax.inject_hyperparams``; ``None`` skips that
+        test (with the reason shown).
+      static: ``T -> kwargs`` with ``factory(**static(T))`` the same as ``make(T)``; these
+        go in ``static_args``, every other numeric argument is injected (traced).
+      invalid: ``(kwargs, message fragment)`` pairs: ``make(T, **kwargs)`` must raise a
+        ``ValueError`` whose message holds the fragment.
+      notes: why a property is not claimed, or anything a reader of the suite should know.
+    """
+
     name: str
     make: Callable[..., optax.GradientTransformationExtraArgs]
     needs_losses: bool = False
-    non_conflicting: bool = False  # g_i . d >= -tol for every task
-    permutation_invariant: bool = True  # permuting tasks permutes weights, output unchanged
-    stochastic: bool = False  # uses a PRNG key from its state
+    uses_losses: bool | None = None
+    non_conflicting: bool = False
+    permutation_invariant: bool = True
+    stochastic: bool = False
+    homogeneous: bool = False
+    scale_invariant_weights: bool = False
+    scale_invariant_output: bool = False
+    kkt: KKTMatrix | None = None
+    factory: Callable[..., optax.GradientTransformationExtraArgs] | None = None
+    static: Callable[[int], dict[str, Any]] | None = None
+    invalid: tuple[tuple[dict[str, Any], str], ...] = ()
     notes: str = ""
+
+    @property
+    def losses_used(self) -> bool:
+        return self.needs_losses if self.uses_losses is None else self.uses_losses
 
     def __repr__(self) -> str:
         return self.name
 
 
+def _inv(x: np.ndarray) -> np.ndarray:
+    return np.where(x > 0, 1.0 / np.where(x > 0, x, 1.0), 0.0)
+
+
+def _kkt_none(g: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    return g
+
+
+def _kkt_l2(g: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    s = _inv(np.sqrt(np.diag(g)))
+    return g * np.outer(s, s)
+
+
+def _kkt_loss_plus(g: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    s = _inv(losses * np.sqrt(np.diag(g)))
+    return g * np.outer(s, s)
+
+
+_MGDA_BAD = (({"norm_type": "l3"}, "`norm_type` must be one of"), ({"epsilon": -1.0}, "`epsilon`"))
+_BAL_BAD = (
+    ({"ema_decay": 1.5}, "`ema_decay` must be in [0, 1]"),
+    ({"total_norm": 0.0}, "`total_norm`"),
+)
+
 METHODS: list[Method] = [
-    Method("mgda", lambda t, **kw: ob.mgda(num_tasks=t, **kw), non_conflicting=True),
-    Method("mgda_l2", lambda t, **kw: ob.mgda(norm_type="l2", num_tasks=t, **kw)),
+    Method(
+        "mgda",
+        lambda t, **kw: ob.mgda(num_tasks=t, **kw),
+        non_conflicting=True,
+        homogeneous=True,
+        kkt=_kkt_none,
+        factory=ob.mgda,
+        static=lambda t: {"num_tasks": t},
+        invalid=_MGDA_BAD,
+    ),
+    Method(
+        "mgda_l2",
+        lambda t, **kw: ob.mgda(norm_type="l2", num_tasks=t, **kw),
+        homogeneous=True,
+        scale_invariant_weights=True,
+        kkt=_kkt_l2,
+        factory=ob.mgda,
+        static=lambda t: {"norm_type": "l2", "num_tasks": t},
+        invalid=_MGDA_BAD,
+        notes="weights found on normalised gradients are applied to the raw ones, so the "
+        "output can conflict (as in Sener & Koltun's code)",
+    ),
     Method(
         "mgda_loss+",
         lambda t, **kw: ob.mgda(norm_type="loss+", num_tasks=t, **kw),
         needs_losses=True,
+        homogeneous=True,
+        scale_invariant_weights=True,
+        kkt=_kkt_loss_plus,
+        factory=ob.mgda,
+        static=lambda t: {"norm_type": "loss+", "num_tasks": t},
+        invalid=_MGDA_BAD,
+        notes="as mgda_l2: weights from normalised gradients, applied to the raw ones",
     ),
-    Method("balancer", lambda t, **kw: ob.balancer([1.0] * t, **kw)),
-    Method("balancer_plain", lambda t, **kw: ob.balancer([1.0] * t, balance_grads=False, **kw)),
-    Method("gradnorm", lambda t, **kw: ob.gradnorm(t, **kw), needs_losses=True),
+    Method(
+        "balancer",
+        lambda t, **kw: ob.balancer([1.0] * t, **kw),
+        scale_invariant_output=True,
+        factory=ob.balancer,
+        static=lambda t: {"weights": [1.0] * t},
+        invalid=_BAL_BAD + (({"weights": [1.0, -1.0]}, "`weights` must be finite and >= 0"),),
+        notes="weights are total_norm * w_i / sum(w) / EMA norm_i: they scale as 1/c, the "
+        "output does not; a sum of unit directions conflicts for T >= 3",
+    ),
+    Method(
+        "balancer_plain",
+        lambda t, **kw: ob.balancer([1.0] * t, balance_grads=False, **kw),
+        homogeneous=True,
+        scale_invariant_weights=True,
+        factory=ob.balancer,
+        static=lambda t: {"weights": [1.0] * t, "balance_grads": False},
+        invalid=_BAL_BAD,
+        notes="a fixed weighted sum: conflicts whenever the tasks oppose",
+    ),
+    Method(
+        "gradnorm",
+        lambda t, **kw: ob.gradnorm(t, **kw),
+        needs_losses=True,
+        factory=ob.gradnorm,
+        static=lambda t: {"num_tasks": t},
+        invalid=(({"alpha": -1.0}, "`alpha` must be in [0, inf)"),),
+        notes="the output is sum_i w_i(t) g_i, a weighted sum: conflicts whenever tasks oppose",
+    ),
     Method(
         "metabalance",
         lambda t, **kw: ob.metabalance(num_tasks=t, **kw),
         permutation_invariant=False,
+        factory=ob.metabalance,
+        static=lambda t: {"num_tasks": t, "main_task": 0},
+        invalid=(
+            ({"relax_factor": 1.0}, "`relax_factor` must be in [0, 1)"),
+            ({"beta": -0.1}, "`beta` must be in [0, 1)"),
+            ({"strategy": "grow"}, "`strategy` must be one of"),
+        ),
+        notes="task 0 is the main task, so permuting the tasks changes the method",
     ),
     Method(
         "pcgrad",
         lambda t, **kw: ob.pcgrad(seed=0, num_tasks=t, **kw),
         permutation_invariant=False,
         stochastic=True,
+        homogeneous=True,
+        factory=ob.pcgrad,
+        static=lambda t: {"num_tasks": t, "seed": 0},
+        notes="random projection order per step; the summed projections can conflict for T >= 3",
     ),
-    Method("imtl_g", lambda t, **kw: ob.imtl_g(num_tasks=t, **kw)),
-    Method("aligned_mtl", lambda t, **kw: ob.aligned_mtl(num_tasks=t, **kw)),
+    Method(
+        "imtl_g",
+        lambda t, **kw: ob.imtl_g(num_tasks=t, **kw),
+        homogeneous=True,
+        factory=ob.imtl_g,
+        static=lambda t: {"num_tasks": t},
+    ),
+    Method(
+        "aligned_mtl",
+        lambda t, **kw: ob.aligned_mtl(num_tasks=t, **kw),
+        homogeneous=True,
+        factory=ob.aligned_mtl,
+        static=lambda t: {"num_tasks": t},
+        invalid=(
+            ({"scale_mode": "max"}, "`scale_mode` must be one of"),
+            ({"pref_vector": [1.0, -1.0]}, "`pref_vector` must be finite and >= 0"),
+        ),
+    ),
 ]
 
 METHOD_IDS = [m.name for m in METHODS]
