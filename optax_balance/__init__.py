@@ -9,17 +9,23 @@ leading task axis, as from :func:`value_and_task_grads`, ``jax.vmap(jax.grad)`` 
 
 from optax_balance._balancer import BalancerState, balancer
 from optax_balance._core import Stats
+from optax_balance._dualproj import DualProjState, dualproj
 from optax_balance._grads import task_weights, value_and_task_grads
 from optax_balance._mgda import MGDAState, mgda
+from optax_balance._upgrad import UPGradState, upgrad
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BalancerState",
+    "DualProjState",
     "MGDAState",
     "Stats",
+    "UPGradState",
     "balancer",
+    "dualproj",
     "mgda",
     "task_weights",
+    "upgrad",
     "value_and_task_grads",
 ]

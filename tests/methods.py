@@ -36,6 +36,8 @@ METHODS: list[Method] = [
         lambda t, **kw: ob.mgda(norm_type="loss+", num_tasks=t, **kw),
         needs_losses=True,
     ),
+    Method("upgrad", lambda t, **kw: ob.upgrad(num_tasks=t, **kw), non_conflicting=True),
+    Method("dualproj", lambda t, **kw: ob.dualproj(num_tasks=t, **kw), non_conflicting=True),
     Method("balancer", lambda t, **kw: ob.balancer([1.0] * t, **kw)),
     Method("balancer_plain", lambda t, **kw: ob.balancer([1.0] * t, balance_grads=False, **kw)),
 ]
