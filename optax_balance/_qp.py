@@ -77,8 +77,9 @@ def nonneg_qp(
 
     KKT conditions at the result: ``z >= 0``, ``grad = Q z + q >= -tol`` and
     ``z_i * grad_i = 0``, with ``tol`` the rounding level of the gradient. Starts from
-    ``z = 0`` (feasible); each iteration is one linear solve on the free set. With ``Q`` positive definite the method terminates finitely
-    (Lawson & Hanson 1974, ch. 23); ``max_iters`` bounds it in any case.
+    ``z = 0`` (feasible); each iteration is one linear solve on the free set. With ``Q``
+    positive definite the method terminates finitely (Lawson & Hanson 1974, ch. 23);
+    ``max_iters`` bounds it in any case.
 
     Args:
       q_mat: ``(T, T)`` symmetric positive semi-definite matrix, scaled to O(1).
