@@ -8,6 +8,7 @@ leading task axis, as from :func:`value_and_task_grads`, ``jax.vmap(jax.grad)`` 
 """
 
 from optax_balance._balancer import BalancerState, balancer
+from optax_balance._cagrad import CAGradState, cagrad
 from optax_balance._core import Stats
 from optax_balance._dualproj import DualProjState, dualproj
 from optax_balance._grads import task_weights, value_and_task_grads
@@ -18,11 +19,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BalancerState",
+    "CAGradState",
     "DualProjState",
     "MGDAState",
     "Stats",
     "UPGradState",
     "balancer",
+    "cagrad",
     "dualproj",
     "mgda",
     "task_weights",

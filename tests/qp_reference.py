@@ -92,3 +92,48 @@ HOSTILE = {
     ),
 }
 SCALES = [1e-10, 1e-5, 1.0, 1e5, 1e10]
+
+
+def cagrad_direction(jac: np.ndarray, c: float) -> np.ndarray:
+    """CAGrad's primal (Liu et al. 2021, Eq. 2), without rescaling, by SLSQP:
+
+    ``max_{d, s} s  s.t.  J d >= s,  ||d - g0||^2 <= (c ||g0||)^2``.
+    """
+    g0 = jac.mean(0)
+    r2 = c**2 * (g0 @ g0)
+    n = jac.shape[1]
+    x0 = np.concatenate([g0, [np.min(jac @ g0)]])
+    res = optimize.minimize(
+        lambda x: -x[-1],
+        x0,
+        jac=lambda x: np.concatenate([np.zeros(n), [-1.0]]),
+        constraints=[
+            {
+                "type": "ineq",
+                "fun": lambda x: jac @ x[:n] - x[-1],
+                "jac": lambda x: np.hstack([jac, -np.ones((len(jac), 1))]),
+            },
+            {
+                "type": "ineq",
+                "fun": lambda x: r2 - np.sum((x[:n] - g0) ** 2),
+                "jac": lambda x: np.concatenate([-2.0 * (x[:n] - g0), [0.0]]),
+            },
+        ],
+        method="SLSQP",
+        options={"ftol": 1e-15, "maxiter": 1000},
+    )
+    return res.x[:n]
+
+
+def cagrad_dual_kkt(gram: np.ndarray, w: np.ndarray, c: float) -> tuple[float, float]:
+    """KKT residuals of ``min_{w in simplex} b^T w + r sqrt(w^T G w)`` (b = G 1/T).
+
+    Returns (most negative reduced gradient, largest complementarity product).
+    """
+    t = len(w)
+    u = np.full(t, 1.0 / t)
+    r = c * np.sqrt(u @ gram @ u)
+    grad = gram @ u + r * gram @ w / np.sqrt(w @ gram @ w)
+    nu = w @ grad
+    reduced = grad - nu
+    return float(reduced.min()), float(np.max(np.abs(w * reduced)))
