@@ -13,6 +13,7 @@ from optax_balance._core import Stats
 from optax_balance._dualproj import DualProjState, dualproj
 from optax_balance._grads import task_weights, value_and_task_grads
 from optax_balance._mgda import MGDAState, mgda
+from optax_balance._nash_mtl import NashMTLState, nash_mtl
 from optax_balance._upgrad import UPGradState, upgrad
 
 __version__ = "0.1.0"
@@ -22,12 +23,14 @@ __all__ = [
     "CAGradState",
     "DualProjState",
     "MGDAState",
+    "NashMTLState",
     "Stats",
     "UPGradState",
     "balancer",
     "cagrad",
     "dualproj",
     "mgda",
+    "nash_mtl",
     "task_weights",
     "upgrad",
     "value_and_task_grads",

@@ -39,6 +39,7 @@ METHODS: list[Method] = [
     Method("upgrad", lambda t, **kw: ob.upgrad(num_tasks=t, **kw), non_conflicting=True),
     Method("dualproj", lambda t, **kw: ob.dualproj(num_tasks=t, **kw), non_conflicting=True),
     Method("cagrad", lambda t, **kw: ob.cagrad(num_tasks=t, **kw)),
+    Method("nash_mtl", lambda t, **kw: ob.nash_mtl(t, **kw)),
     Method("balancer", lambda t, **kw: ob.balancer([1.0] * t, **kw)),
     Method("balancer_plain", lambda t, **kw: ob.balancer([1.0] * t, balance_grads=False, **kw)),
 ]

@@ -137,3 +137,30 @@ def cagrad_dual_kkt(gram: np.ndarray, w: np.ndarray, c: float) -> tuple[float, f
     nu = w @ grad
     reduced = grad - nu
     return float(reduced.min()), float(np.max(np.abs(w * reduced)))
+
+
+def nash_weights(jac: np.ndarray) -> np.ndarray:
+    """``alpha > 0`` with ``alpha * (G alpha) = 1`` (Navon et al. 2022, Theorem 5.1).
+
+    On ``G / ||G||_F`` (the solution for ``G`` is that one over ``sqrt(||G||_F)``):
+    L-BFGS-B on the convex ``1/2 b^T G b - sum(log b)`` (stationary exactly there), then
+    MINPACK's Levenberg-Marquardt on the equation in log coordinates to polish, float64.
+    """
+    gram = jac @ jac.T
+    fro = np.linalg.norm(gram)
+    gn = gram / fro
+    t = len(gram)
+    res = optimize.minimize(
+        lambda b: 0.5 * b @ gn @ b - np.sum(np.log(b)),
+        np.ones(t),
+        jac=lambda b: gn @ b - 1.0 / b,
+        bounds=[(1e-12, None)] * t,
+        method="L-BFGS-B",
+        options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 10000},
+    )
+    polish = optimize.root(
+        lambda x: np.exp(x) * (gn @ np.exp(x)) - 1.0, np.log(res.x), method="lm", tol=1e-15
+    )
+    beta = np.exp(polish.x)
+    assert np.max(np.abs(beta * (gn @ beta) - 1.0)) < 1e-9, "reference did not converge"
+    return beta / np.sqrt(fro)
