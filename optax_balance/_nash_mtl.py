@@ -10,10 +10,7 @@ import optax
 
 from optax_balance import _core
 
-# Ridge added to the Frobenius-normalised Gramian: keeps the bargaining problem solvable
-# when a non-negative combination of gradients vanishes (a zero gradient, opposite
-# gradients), where no exact solution exists. It moves a regular solution by ~1e-6.
-_RIDGE = 1e-6
+_TOL = 1e-5  # stop when every |beta_i (G beta)_i - 1| is below this
 
 
 class NashMTLState(NamedTuple):
@@ -52,7 +49,8 @@ def solve_bargaining(
     :math:`\Phi(\beta) = \frac12 \beta^\top A \beta - \sum_i \log \beta_i`
     (:math:`\nabla\Phi = A\beta - 1/\beta`). Newton steps with the damping
     :math:`1/(1+\delta)` (:math:`\delta` the Newton decrement) stay positive and converge
-    globally, quadratically near the solution (Nesterov & Nemirovski). Stops when
+    globally, quadratically near the solution (Nesterov & Nemirovski). ``beta0`` is first
+    rescaled to the best point on its ray. Stops when
     :math:`\max_i |\beta_i (A\beta)_i - 1| \le` ``tol`` or after ``max_iters`` steps.
     """
 
@@ -79,6 +77,11 @@ def solve_bargaining(
         return new, it + 1
 
     b0 = jnp.where(jnp.isfinite(beta0) & (beta0 > 0), beta0, 1.0)
+    # Best point on the ray through b0 (Phi(s b0) is minimal at s^2 = T / b0^T A b0): the
+    # solution has beta^T A beta = T, and this removes the scale mismatch of a cold start
+    # (or of a warm start after the gradients changed scale) in one go.
+    quad = b0 @ gram @ b0
+    b0 = b0 * jnp.where(quad > 0, jnp.sqrt(gram.shape[0] / jnp.where(quad > 0, quad, 1.0)), 1.0)
     return jax.lax.while_loop(cond, body, (b0, jnp.array(0, jnp.int32)))
 
 
@@ -116,8 +119,7 @@ def nash_mtl(
     procedure, each a cvxpy program on the host, whose fixed point is the solution
     above. Here that fixed point is computed directly: :math:`\beta \odot \tilde G \beta =
     1` on the Gramian normalised to unit Frobenius norm (as the official code
-    normalises), plus a ridge of 1e-6 that keeps the problem solvable when a
-    non-negative combination of gradients vanishes, is the unique minimiser of the
+    normalises), is the unique minimiser of the
     convex :math:`\frac12\beta^\top\tilde G\beta - \sum_i\log\beta_i`, found by damped
     Newton in ``jax.lax.while_loop`` (at most ``optim_niter`` steps, stopping when every
     :math:`|\beta_i(\tilde G\beta)_i - 1| \le 10^{-5}`), warm-started from the previous
@@ -125,6 +127,12 @@ def nash_mtl(
     :math:`\alpha = \beta / \sqrt{\|G\|_F}`. The weights are recomputed when the update
     count is a multiple of ``update_weights_every`` and reused in between (the clipping
     uses the current gradients). No host round-trip.
+
+    No solution exists when a non-negative combination of the gradients vanishes (a zero
+    gradient, two opposite gradients): the potential is then unbounded below and the
+    weights of the tasks involved grow with each Newton step. The output stays finite
+    (such tasks cancel or contribute nothing, and the result is clipped), the run stops
+    at ``optim_niter``, and the previous warm start is kept.
 
     Args:
       num_tasks: T (needed up front: the state carries the weights between updates).
@@ -181,16 +189,19 @@ def nash_mtl(
     def weigh(stats: _core.Stats, state: NashMTLState) -> tuple[jax.Array, NashMTLState]:
         assert stats.gram is not None
         gram = stats.gram
-        t = stats.num_tasks
         dtype = gram.dtype
-        fro = jnp.sqrt(jnp.sum(gram**2))
+        big = jnp.max(jnp.abs(gram))  # ||G||_F without overflow at gradient scale 1e10
+        safe_big = jnp.where(big > 0, big, 1.0)
+        fro = safe_big * jnp.sqrt(jnp.sum((gram / safe_big) ** 2))
         positive = fro > jnp.finfo(dtype).tiny
 
         def solve(_):
-            g_n = gram / jnp.where(positive, fro, 1.0) + _RIDGE * jnp.eye(t, dtype=dtype)
-            beta, its = solve_bargaining(g_n, state.beta, max_iters=optim_niter, tol=1e-5)
+            g_n = gram / jnp.where(positive, fro, 1.0)
+            beta, its = solve_bargaining(g_n, state.beta, max_iters=optim_niter, tol=_TOL)
             alpha = jnp.where(positive, beta / jnp.sqrt(jnp.where(positive, fro, 1.0)), 0.0)
-            return alpha, beta, its
+            # Without a solution (see above) beta runs off; keep the old warm start then.
+            solved = jnp.max(jnp.abs(beta * (g_n @ beta) - 1.0)) <= _TOL
+            return alpha, jnp.where(solved, beta, state.beta), its
 
         def reuse(_):
             return state.alpha, state.beta, jnp.zeros((), jnp.int32)
