@@ -223,7 +223,7 @@ def cagrad(
         assert stats.gram is not None
         t = stats.num_tasks
         dtype = stats.gram.dtype
-        gram = _qp.normalize(stats.gram, jnp.finfo(dtype).tiny)
+        gram = _qp.normalize(stats.gram, float(jnp.finfo(dtype).tiny))
         u = jnp.full((t,), 1.0 / t, dtype)
         r = c * jnp.sqrt(jnp.maximum(u @ gram @ u, 0.0))
         active = r > 1e-6  # otherwise d = g0 (also the zero Jacobian)
