@@ -168,11 +168,13 @@ def nash_mtl(
     """
     t_cfg = _core.check_num_tasks(num_tasks, required=True)
     _core.check_range("max_norm", max_norm, low=0.0)
-    if not isinstance(update_weights_every, int) or update_weights_every < 1:
-        raise ValueError(
-            f"`update_weights_every` must be an int >= 1, got {update_weights_every!r}."
-        )
-    _core.check_range("optim_niter", optim_niter, low=1)
+    for name, value in (
+        ("update_weights_every", update_weights_every),
+        ("optim_niter", optim_niter),
+    ):
+        _core.check_range(name, value, low=1)
+        if _core.is_concrete(value) and float(value) != int(value):
+            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
 
     def init_state(t: int, params: Any) -> NashMTLState:
         del params
