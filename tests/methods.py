@@ -206,6 +206,38 @@ METHODS: list[Method] = [
             ({"pref_vector": [1.0, -1.0]}, "`pref_vector` must be finite and >= 0"),
         ),
     ),
+    Method(
+        "upgrad",
+        lambda t, **kw: ob.upgrad(num_tasks=t, **kw),
+        non_conflicting=True,
+        factory=ob.upgrad,
+        static=lambda t: {"num_tasks": t},
+        invalid=(({"reg_eps": -1.0}, "`reg_eps` must be in [0, inf)"),),
+        notes="non-conflicting up to the ridge: g_j.d >= -reg_eps*w_j*||J||_F^2",
+    ),
+    Method(
+        "dualproj",
+        lambda t, **kw: ob.dualproj(num_tasks=t, **kw),
+        non_conflicting=True,
+        factory=ob.dualproj,
+        static=lambda t: {"num_tasks": t},
+        invalid=(({"norm_eps": -1.0}, "`norm_eps` must be in [0, inf)"),),
+        notes="non-conflicting up to the ridge: g_j.d >= -reg_eps*w_j*||J||_F^2",
+    ),
+    Method(
+        "cagrad",
+        lambda t, **kw: ob.cagrad(num_tasks=t, **kw),
+        factory=ob.cagrad,
+        static=lambda t: {"num_tasks": t},
+        invalid=(({"c": -0.5}, "`c` must be in [0, inf)"),),
+    ),
+    Method(
+        "nash_mtl",
+        lambda t, **kw: ob.nash_mtl(t, **kw),
+        factory=ob.nash_mtl,
+        static=lambda t: {"num_tasks": t, "update_weights_every": 1, "optim_niter": 20},
+        invalid=(({"max_norm": -1.0}, "`max_norm` must be in [0, inf)"),),
+    ),
 ]
 
 METHOD_IDS = [m.name for m in METHODS]
