@@ -217,7 +217,7 @@ def combination(weights: Any, j: np.ndarray) -> np.ndarray:
     return np.asarray(weights, np.float64) @ np.asarray(j, np.float64)
 
 
-def conflict_tolerance(j: np.ndarray, weights: Any) -> np.ndarray:
+def conflict_tolerance(j: np.ndarray, weights: Any, method: Any = None) -> np.ndarray:
     """Per-task tolerance for ``g_i . d`` with ``d = sum_j w_j g_j`` computed in float32.
 
     Cauchy-Schwarz bounds on the rounding: ``1e-4 ||g_i|| sum_j |w_j| ||g_j||`` (relative
@@ -227,7 +227,9 @@ def conflict_tolerance(j: np.ndarray, weights: Any) -> np.ndarray:
     """
     norms = np.sqrt(np.sum(np.asarray(j, np.float64) ** 2, axis=1))
     w = np.abs(np.asarray(weights, np.float64))
-    return 1e-4 * norms * (w @ norms) + 1e-5 * norms * norms.max(initial=0.0)
+    tol = 1e-4 * norms * (w @ norms) + 1e-5 * norms * norms.max(initial=0.0)
+    slack = getattr(method, "conflict_slack", None)
+    return tol if slack is None else tol + slack(np.asarray(j, np.float64), w)
 
 
 def method_params(methods: Sequence[Method], pred: Callable[[Method], bool]) -> list[Any]:

@@ -50,6 +50,8 @@ class Method:
         go in ``static_args``, every other numeric argument is injected (traced).
       invalid: ``(kwargs, message fragment)`` pairs: ``make(T, **kwargs)`` must raise a
         ``ValueError`` whose message holds the fragment.
+      conflict_slack: ``(J, |w|) -> (T,)`` extra tolerance on ``g_i . d`` for methods whose
+        non-conflict holds up to a documented bound (UPGrad's and DualProj's ridge).
       notes: why a property is not claimed, or anything a reader of the suite should know.
     """
 
@@ -67,6 +69,7 @@ class Method:
     factory: Callable[..., optax.GradientTransformationExtraArgs] | None = None
     static: Callable[[int], dict[str, Any]] | None = None
     invalid: tuple[tuple[dict[str, Any], str], ...] = ()
+    conflict_slack: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
     notes: str = ""
 
     @property
@@ -93,6 +96,17 @@ def _kkt_l2(g: np.ndarray, losses: np.ndarray) -> np.ndarray:
 def _kkt_loss_plus(g: np.ndarray, losses: np.ndarray) -> np.ndarray:
     s = _inv(losses * np.sqrt(np.diag(g)))
     return g * np.outer(s, s)
+
+
+def _ridge_slack(j: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """UPGrad/DualProj: with the ridge reg_eps = 1e-4 (relative to the trace-normalised
+    Gramian), ``g_i . d >= -reg_eps * w_i * ||J||_F^2`` (the methods' documented bound).
+    Below ``trace(G) = ||J||_F^2 < norm_eps = 1e-4`` they return the plain weighted mean
+    (torchjd's convention), which claims nothing."""
+    fro2 = np.sum(j**2)
+    if fro2 < 1e-4:
+        return np.full(j.shape[0], np.inf)
+    return 1.01e-4 * w * fro2
 
 
 _MGDA_BAD = (({"norm_type": "l3"}, "`norm_type` must be one of"), ({"epsilon": -1.0}, "`epsilon`"))
@@ -210,6 +224,7 @@ METHODS: list[Method] = [
         "upgrad",
         lambda t, **kw: ob.upgrad(num_tasks=t, **kw),
         non_conflicting=True,
+        conflict_slack=_ridge_slack,
         factory=ob.upgrad,
         static=lambda t: {"num_tasks": t},
         invalid=(({"reg_eps": -1.0}, "`reg_eps` must be in [0, inf)"),),
@@ -219,6 +234,7 @@ METHODS: list[Method] = [
         "dualproj",
         lambda t, **kw: ob.dualproj(num_tasks=t, **kw),
         non_conflicting=True,
+        conflict_slack=_ridge_slack,
         factory=ob.dualproj,
         static=lambda t: {"num_tasks": t},
         invalid=(({"norm_eps": -1.0}, "`norm_eps` must be in [0, inf)"),),

@@ -66,7 +66,7 @@ def test_finite_output_and_state(m, case, fresh):
         np.testing.assert_array_equal(d, 0.0)
     if m.non_conflicting:
         # g_i . d >= -tol for every task (tolerance: f32 inner products of these rows).
-        tol = I.conflict_tolerance(j, new_state.weights)
+        tol = I.conflict_tolerance(j, new_state.weights, m)
         assert np.all(j.astype(np.float64) @ d >= -tol), (case, j.astype(np.float64) @ d, tol)
 
 

@@ -99,7 +99,7 @@ def test_permutation(m, prob, data):
 def test_non_conflicting(m, prob):
     j, losses = prob
     d, w = _run(m, j, losses)
-    tol = I.conflict_tolerance(j, w)
+    tol = I.conflict_tolerance(j, w, m)
     assert np.all(j.astype(np.float64) @ d >= -tol), (j.astype(np.float64) @ d, tol)
 
 
@@ -185,7 +185,7 @@ def test_unclaimed_non_conflicting_has_counterexample(m):
     worst = []
     for j in _conflict_prone():
         d, w = _run(m, j, I.losses_for(3))
-        worst.append(np.min(j.astype(np.float64) @ d + I.conflict_tolerance(j, w)))
+        worst.append(np.min(j.astype(np.float64) @ d + I.conflict_tolerance(j, w, m)))
     assert min(worst) < 0, (
         f"{m.name} never conflicts here: claim non_conflicting=True in tests/methods.py"
     )
