@@ -537,7 +537,10 @@ def balancing_transform(
 
     def init_fn(params: PyTree) -> Any:
         t = 0 if num_tasks is None else num_tasks
-        return init_state(t, params)
+        state = init_state(t, params)
+        # One buffer per leaf, even where a method's init reuses an array for two fields:
+        # a train step that donates its optimizer state must not see a buffer twice.
+        return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
 
     def update_fn(
         updates: PyTree, state: Any, params: PyTree | None = None, **extra_args: Any
