@@ -10,7 +10,6 @@ leading task axis, as from :func:`value_and_task_grads`, ``jax.vmap(jax.grad)`` 
 from optax_balance._aligned_mtl import AlignedMTLState, aligned_mtl
 from optax_balance._balancer import BalancerState, balancer
 from optax_balance._cagrad import CAGradState, cagrad
-from optax_balance._core import Stats
 from optax_balance._dualproj import DualProjState, dualproj
 from optax_balance._gradnorm import GradNormState, gradnorm
 from optax_balance._grads import task_weights, value_and_task_grads
@@ -35,7 +34,6 @@ __all__ = [
     "MetaBalanceState",
     "NashMTLState",
     "PCGradState",
-    "Stats",
     "UPGradState",
     "aligned_mtl",
     "balancer",
