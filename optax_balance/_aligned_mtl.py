@@ -65,37 +65,6 @@ def balance_matrix(gram: jax.Array, scale_mode: str = "min") -> tuple[jax.Array,
     return b.astype(dt), rank.astype(jnp.int32)
 
 
-def _pref_array(pref_vector: Any) -> np.ndarray | jax.Array | None:
-    if pref_vector is None:
-        return None
-    if _core.is_traced(pref_vector):  # under optax.inject_hyperparams
-        if pref_vector.ndim != 1 or pref_vector.shape[0] == 0:
-            raise ValueError(
-                f"`pref_vector` must be a non-empty 1-D vector, got shape {pref_vector.shape}."
-            )
-        return pref_vector
-    if isinstance(pref_vector, (str, bytes)) or not isinstance(
-        pref_vector, Sequence | np.ndarray | jax.Array
-    ):
-        raise ValueError(
-            f"`pref_vector` must be a 1-D sequence or array of task weights, got {pref_vector!r}."
-        )
-    try:
-        p = np.asarray(pref_vector, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"`pref_vector` must hold numbers, got {pref_vector!r}.") from None
-    if p.ndim != 1 or p.size == 0:
-        raise ValueError(
-            f"`pref_vector` must be a non-empty 1-D vector (one weight per task), got shape "
-            f"{p.shape}."
-        )
-    if not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
-        raise ValueError(
-            f"`pref_vector` must be finite and >= 0 with a positive sum, got {pref_vector!r}."
-        )
-    return p
-
-
 def aligned_mtl(
     *,
     pref_vector: Sequence[float] | np.ndarray | jax.Array | None = None,
@@ -164,15 +133,9 @@ def aligned_mtl(
       <https://arxiv.org/abs/2305.19000>`_, CVPR 2023.
     """
     _core.check_choice("scale_mode", scale_mode, _SCALE_MODES)
-    pref = _pref_array(pref_vector)
-    t_cfg = _core.check_num_tasks(num_tasks)
-    if pref is not None:
-        if t_cfg is not None and t_cfg != pref.shape[0]:
-            raise ValueError(
-                f"`pref_vector` has {pref.shape[0]} entries but num_tasks={t_cfg}; give one "
-                "weight per task."
-            )
-        t_cfg = int(pref.shape[0])
+    pref, t_cfg = _core.check_task_vector(
+        "pref_vector", pref_vector, _core.check_num_tasks(num_tasks), nonnegative=True
+    )
     _core.check_sync(axis_name, sync)
 
     def init_state(t: int, params: Any) -> AlignedMTLState:

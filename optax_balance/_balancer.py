@@ -34,25 +34,12 @@ class BalancerState(NamedTuple):
 
 def _weights_vector(weights: Sequence[float] | Mapping[Any, float]) -> np.ndarray:
     if isinstance(weights, Mapping):
-        values = list(weights.values())
+        weights = list(weights.values())
     elif isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence | np.ndarray):
         raise ValueError(
             f"`weights` must be a sequence or a mapping of per-task weights, got {weights!r}."
         )
-    else:
-        values = list(weights)
-    if not values:
-        raise ValueError("`weights` must hold at least one task weight, got none.")
-    try:
-        w = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"`weights` must be numbers, got {values!r}.") from None
-    if w.ndim != 1:
-        raise ValueError(f"`weights` must be a flat list of numbers, got shape {w.shape}.")
-    if not np.all(np.isfinite(w)) or np.any(w < 0):
-        raise ValueError(f"`weights` must be finite and >= 0, got {values!r}.")
-    if w.sum() <= 0:
-        raise ValueError(f"`weights` must have a positive sum, got {values!r}.")
+    w, _ = _core.check_task_vector("weights", weights, nonnegative=True)
     return w
 
 

@@ -110,6 +110,57 @@ def check_num_tasks(num_tasks: Any, *, required: bool = False) -> int | None:
     return int(num_tasks)
 
 
+def check_task_vector(
+    name: str, value: Any, num_tasks: int | None = None, *, nonnegative: bool = False
+) -> tuple[Any, int | None]:
+    """Validates a per-task vector hyperparameter (task weights, ``pref_vector``).
+
+    It must be a non-empty 1-D sequence or array of finite numbers (and, with
+    ``nonnegative``, >= 0 with a positive sum); its length fixes T, which must agree with
+    ``num_tasks`` when both are given. A traced value (``optax.inject_hyperparams``) is
+    checked for its shape only.
+
+    Returns:
+      ``(vector, T)``: a float64 NumPy array (the traced value as it is), or
+      ``(None, num_tasks)`` when ``value`` is ``None``.
+    """
+    if value is None:
+        return None, num_tasks
+    if is_traced(value):
+        shape = np.shape(value)
+        if len(shape) != 1 or shape[0] == 0:
+            raise ValueError(
+                f"`{name}` must be a non-empty 1-D vector (one entry per task), got shape {shape}."
+            )
+        vec: Any = value
+    else:
+        if isinstance(value, (str, bytes)) or not isinstance(
+            value, Sequence | np.ndarray | jax.Array
+        ):
+            raise ValueError(
+                f"`{name}` must be a 1-D sequence or array of per-task numbers, got {value!r}."
+            )
+        try:
+            vec = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"`{name}` must hold numbers, got {value!r}.") from None
+        if vec.ndim != 1 or vec.size == 0:
+            raise ValueError(
+                f"`{name}` must hold at least one task weight, as a 1-D vector (one entry per "
+                f"task); got shape {vec.shape}."
+            )
+        if nonnegative and (not np.all(np.isfinite(vec)) or np.any(vec < 0) or vec.sum() <= 0):
+            raise ValueError(
+                f"`{name}` must be finite and >= 0 with a positive sum, got {value!r}."
+            )
+        if not np.all(np.isfinite(vec)):
+            raise ValueError(f"`{name}` must be finite, got {value!r}.")
+    t = int(np.shape(vec)[0])
+    if num_tasks is not None and num_tasks != t:
+        raise ValueError(f"`{name}` has {t} entries but num_tasks={num_tasks}; give one per task.")
+    return vec, t
+
+
 def check_sync(axis_name: Any, sync: Any) -> None:
     check_choice("sync", sync, ("grads", "stats"))
     del axis_name
@@ -228,6 +279,18 @@ def check_losses(task_losses: Any, num_tasks: int, use: LossUse, method: str) ->
 # --------------------------------------------------------------------------------------
 # Statistics: computed leaf by leaf, in f32 (f64 under x64).
 # --------------------------------------------------------------------------------------
+
+
+def safe_sqrt(x: Array) -> Array:
+    """``sqrt(x)`` for ``x >= 0`` with a zero (not infinite) derivative at 0: a double ``where``."""
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
+def safe_inverse(x: Array) -> Array:
+    """``1/x`` where ``x > 0``, 0 elsewhere (a zero norm or non-positive loss gives 0)."""
+    pos = x > 0
+    return jnp.where(pos, 1.0 / jnp.where(pos, x, 1.0), 0.0)
 
 
 def _rest(g: Array, start: int = 1) -> tuple[int, ...]:

@@ -91,7 +91,7 @@ def dualproj(
     _core.check_range("norm_eps", norm_eps, low=0.0)
     _core.check_range("reg_eps", reg_eps, low=0.0)
     t_cfg = _core.check_num_tasks(num_tasks)
-    pref, t_cfg = _qp.check_pref_vector(pref_vector, t_cfg)
+    pref, t_cfg = _core.check_task_vector("pref_vector", pref_vector, t_cfg)
 
     def init_state(t: int, params: Any) -> DualProjState:
         del params

@@ -30,12 +30,6 @@ class GradNormState(NamedTuple):
     weight_opt_state: optax.OptState
 
 
-def _safe_sqrt(x: jax.Array) -> jax.Array:
-    """``sqrt(x)`` with a zero (not infinite) derivative at 0: a double ``where``."""
-    pos = x > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
-
-
 def inverse_training_rates(
     losses: jax.Array, initial_losses: jax.Array, has_initial_loss: jax.Array
 ) -> jax.Array:
@@ -199,7 +193,7 @@ def gradnorm(
     def weigh(stats: _core.Stats, state: GradNormState) -> tuple[jax.Array, GradNormState]:
         assert stats.sq_norms is not None and stats.losses is not None
         losses = stats.losses
-        norms = _safe_sqrt(stats.sq_norms)
+        norms = _core.safe_sqrt(stats.sq_norms)
         record = jnp.logical_not(state.has_initial_loss) & (losses > 0)
         initial = jnp.where(record, losses, state.initial_losses)
         has_initial = state.has_initial_loss | record

@@ -35,12 +35,6 @@ class MetaBalanceState(NamedTuple):
     ema_norms: Any
 
 
-def _safe_sqrt(x: jax.Array) -> jax.Array:
-    """``sqrt(x)`` with a zero (not infinite) derivative at 0: a double ``where``."""
-    pos = x > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
-
-
 def _is_none(x: Any) -> bool:
     return x is None
 
@@ -89,7 +83,7 @@ def effective_weights(leaf_w: Any, leaf_sq: Any, num_tasks: int) -> jax.Array:
     den = sum(sqs[1:], sqs[0])
     mean_w = sum(ws[1:], ws[0]) / len(ws)
     pos = den > 0
-    return jnp.where(pos, _safe_sqrt(num / jnp.where(pos, den, 1.0)), mean_w).astype(dt)
+    return jnp.where(pos, _core.safe_sqrt(num / jnp.where(pos, den, 1.0)), mean_w).astype(dt)
 
 
 def metabalance(
@@ -212,7 +206,7 @@ def metabalance(
     def weigh(stats: _core.Stats, state: MetaBalanceState) -> tuple[Any, MetaBalanceState]:
         sq = stats.leaf_sq_norms
         ema = jax.tree.map(
-            lambda m, s: None if s is None else beta * m + (1.0 - beta) * _safe_sqrt(s),
+            lambda m, s: None if s is None else beta * m + (1.0 - beta) * _core.safe_sqrt(s),
             state.ema_norms,
             sq,
             is_leaf=_is_none,

@@ -27,25 +27,19 @@ class MGDAState(NamedTuple):
     iterations: jax.Array
 
 
-def _inverse(x: jax.Array) -> jax.Array:
-    """``1/x`` where ``x > 0`` (and finite), 0 elsewhere: a zero gradient stays zero."""
-    pos = x > 0
-    return jnp.where(pos, 1.0 / jnp.where(pos, x, 1.0), 0.0)
-
-
 def normalisation_scales(
     norm_type: str, sq_norms: jax.Array, losses: jax.Array | None
 ) -> jax.Array:
     """Per-task factors ``s_i`` with which MGDA normalises ``g_i`` (Sener & Koltun's code)."""
     norms = jnp.sqrt(sq_norms)
     if norm_type == "l2":
-        return _inverse(norms)
+        return _core.safe_inverse(norms)
     if norm_type == "loss":
         assert losses is not None
-        return _inverse(losses)
+        return _core.safe_inverse(losses)
     if norm_type == "loss+":
         assert losses is not None
-        return _inverse(losses * norms)
+        return _core.safe_inverse(losses * norms)
     return jnp.ones_like(sq_norms)
 
 

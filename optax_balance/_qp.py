@@ -214,30 +214,6 @@ def project_to_dual_cone(u: Array, gram: Array, *, max_iters: int) -> QPSolution
     return QPSolution((flat + sol.z).reshape(u.shape), jnp.max(sol.iterations))
 
 
-def check_pref_vector(
-    pref_vector: object, num_tasks: int | None
-) -> tuple[np.ndarray | None, int | None]:
-    """Validates ``pref_vector`` (1-D, finite) against ``num_tasks``; returns it and T."""
-    if pref_vector is None:
-        return None, num_tasks
-    try:
-        pref = np.asarray(pref_vector, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"`pref_vector` must be a 1-D array of numbers, got {pref_vector!r}."
-        ) from None
-    if pref.ndim != 1 or pref.shape[0] < 1:
-        raise ValueError(f"`pref_vector` must be a non-empty 1-D array, got shape {pref.shape}.")
-    if not np.all(np.isfinite(pref)):
-        raise ValueError(f"`pref_vector` must be finite, got {pref_vector!r}.")
-    t = int(pref.shape[0])
-    if num_tasks is not None and num_tasks != t:
-        raise ValueError(
-            f"`pref_vector` has {t} entries but num_tasks={num_tasks}; give one per task."
-        )
-    return pref, t
-
-
 def pref_weights(pref: np.ndarray | None, num_tasks: int, dtype: jnp.dtype) -> Array:
     """The weights ``u`` of the combination to project: ``pref_vector``, or ``1/T``."""
     if pref is None:
