@@ -4,7 +4,8 @@ The Gramian ``G = F F^T`` of a ``(T, P)`` leaf has a tiny output and a huge cont
 a shape CPU GEMM libraries handle poorly (they pack both operands and parallelise over
 the output). This section times the ways of writing it in XLA against the one-pass floor
 ``w @ F`` and PyTorch's ``F @ F.T`` on the same matrix, and checks each against a NumPy
-float64 Gramian. ``core`` is what ``optax_balance._core.leaf_gram`` does in this build.
+float64 Gramian. ``core`` is what ``optax_balance._core.leaf_gram`` does in this build: on
+CPU, ``variadic reduce`` up to ``_core._PAIR_MAX_T`` tasks and ``chunked dot`` beyond.
 
 Run alone with ``BENCH_SECTIONS=kernels python -m benchmarks.run``.
 """
@@ -92,8 +93,29 @@ def broadcast_blocks(f: jax.Array, blk: int) -> jax.Array:
     return out
 
 
+def variadic_reduce(f: jax.Array) -> jax.Array:
+    """All ``T(T+1)/2`` row products in one variadic reduce (``_core._gram_pairs``)."""
+    return _core._gram_pairs(f, jnp.float32)
+
+
+def chunked_dot(f: jax.Array, chunk: int) -> jax.Array:
+    """The dot over column chunks in a ``fori_loop`` (``_core._gram_chunked`` at 16384)."""
+    t, p = f.shape
+    m = p // chunk
+
+    def body(i: jax.Array, acc: jax.Array) -> jax.Array:
+        return acc + dot(jax.lax.dynamic_slice_in_dim(f, i * chunk, chunk, axis=1))
+
+    acc = jax.lax.fori_loop(0, m, body, jnp.zeros((t, t), jnp.float32))
+    return acc + dot(f[:, m * chunk :]) if p > m * chunk else acc
+
+
 CANDIDATES: dict[str, Callable[[jax.Array], jax.Array]] = {
     "core": _core.leaf_gram,
+    "variadic reduce": variadic_reduce,
+    "chunked dot 4096": partial(chunked_dot, chunk=4096),
+    "chunked dot 16384": partial(chunked_dot, chunk=16384),
+    "chunked dot 65536": partial(chunked_dot, chunk=65536),
     "dot": dot,
     "dot on F.T": dot_transposed,
     "batched blk=4096": partial(batched, blk=4096),
@@ -105,6 +127,7 @@ CANDIDATES: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 MAX_T_PAIRWISE = 8  # T(T+1)/2 reductions; beyond this they are no longer one pass
 MAX_T_BROADCAST = 8
+MAX_T_VARIADIC = 16  # T=16 already spills (slower than the dot); larger T compiles slowly
 
 
 def _time(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
@@ -134,6 +157,8 @@ def measure(t: int, p: int, threads: int, rounds: int = 9) -> dict[str, tuple[fl
         if name == "pairwise reduce" and t > MAX_T_PAIRWISE:
             continue
         if name.startswith("broadcast") and t > MAX_T_BROADCAST:
+            continue
+        if name == "variadic reduce" and t > MAX_T_VARIADIC:
             continue
         jf = jax.jit(fn)
         got = np.asarray(jf(f), np.float64)
@@ -193,7 +218,7 @@ def measure_dot_without_ynn(t: int, p: int, rounds: int = 9) -> dict[str, float]
 
 
 def section(
-    rep: Any, threads: int, tasks: tuple[int, ...] = (2, 8, 32), p: int = 1_000_000
+    rep: Any, threads: int, tasks: tuple[int, ...] = (2, 8, 16, 32), p: int = 1_000_000
 ) -> None:
     from benchmarks.run import load, ms, table
 

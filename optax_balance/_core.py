@@ -327,21 +327,85 @@ def _replicated_if_explicit(g: Array) -> Any:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-# For T <= 2 the Gramian is written as fused elementwise reductions rather than a dot:
-# XLA's CPU dot for a (T, n) x (n, T) product with a tiny output and a long contraction
-# costs 3-6x one pass over the gradients at T=2, n=1e6, while the reductions below read
-# each row once (1.1-1.5x; benchmarks/gram_kernels.py has the figures). Viewing the row
-# as (n / blk, blk) blocks lets XLA vectorise the reduction of the (2, 2, n) products; any
-# block size from 16 to 1024 that divides n does. For T > 2 the dot is the fastest form
-# measured (batched, split, transposed and blocked variants were all slower).
-_SMALL_T = 2
+# How one leaf's Gramian is contracted. On GPU/TPU it is one ``dot_general`` (the
+# vendor GEMM splits the long contraction). On CPU, XLA sends a (T, n) x (n, T) dot with
+# a tiny output and a long contraction to YNNPACK, which packs the transposed operand and
+# runs on one thread: 5-20x one pass over the gradients at n = 1e6, growing faster than
+# n. Two forms do better there (benchmarks/gram_kernels.py times them, RESULTS.md
+# section 5):
+#   * pairs: all T(T+1)/2 row products in one variadic reduce over (n / blk, blk)
+#     blocks. One fused, multi-threaded pass over the leaf, but scalar code whose work
+#     grows as T^2: it wins for T <= 2 at any size and up to T = _PAIR_MAX_T on leaves of
+#     at least _PAIR_MIN_N entries per task (below that its fixed cost loses to the dot).
+#   * chunked: the dot over column chunks of _CHUNK in a fori_loop, so each chunk's
+#     packing stays in cache: linear in n, 2x faster than one dot at n = 1e6, T >= 16;
+#     one plain dot for leaves under two chunks.
+# Both accumulate in the statistics dtype and agree with a float64 Gramian to ~1e-7.
+_PAIR_MAX_T = 12
+_PAIR_MIN_N = 65536
+_CHUNK = 16384
 
 
-def _block_size(n: int) -> int | None:
+def _block_size(n: int) -> int:
+    """A divisor of ``n`` in 64..1024 (else 63..16), or 256 (the remainder is a tail)."""
     for b in (*range(64, 1025), *range(63, 15, -1)):
         if n % b == 0:
             return b
-    return None
+    return 256
+
+
+def _pair_index(t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    iu, ju = np.triu_indices(t)
+    index = np.zeros((t, t), np.int32)
+    index[iu, ju] = index[ju, iu] = np.arange(iu.size)
+    return iu, ju, index
+
+
+def _pair_sums(x: Array, dt: Any) -> Array:
+    """``sum(x[i] * x[j])`` for every pair ``i <= j`` of rows of ``x`` (T, m, blk)."""
+    iu, ju, _ = _pair_index(x.shape[0])
+    rows = [x[i].astype(dt) for i in range(x.shape[0])]
+    products = tuple(rows[i] * rows[j] for i, j in zip(iu, ju))
+    zeros = tuple(jnp.zeros((), dt) for _ in products)
+    sums = jax.lax.reduce(
+        products, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), (products[0].ndim - 1,)
+    )
+    return jnp.sum(jnp.stack(sums), axis=1)  # one small reduction, not T(T+1)/2 of them
+
+
+def _gram_pairs(x: Array, dt: Any) -> Array:
+    """One-pass Gramian of ``x`` (T, n) by a variadic reduction (small T, CPU)."""
+    t, n = x.shape
+    blk = _block_size(n)
+    m = n // blk
+    sums = jnp.zeros((t * (t + 1) // 2,), dt)
+    if m:
+        sums = sums + _pair_sums(x[:, : m * blk].reshape(t, m, blk), dt)
+    if n > m * blk:
+        sums = sums + _pair_sums(x[:, m * blk :].reshape(t, 1, n - m * blk), dt)
+    return sums[_pair_index(t)[2]]
+
+
+def _gram_dot(x: Array, dt: Any) -> Array:
+    return jax.lax.dot_general(
+        x, x, (((1,), (1,)), ((), ())), precision=_HIGHEST, preferred_element_type=dt
+    ).astype(dt)
+
+
+def _gram_chunked(x: Array, dt: Any) -> Array:
+    """The dot summed over column chunks of ``x`` (T, n) in a loop (large T, CPU)."""
+    t, n = x.shape
+    m = n // _CHUNK
+    if m < 2:
+        return _gram_dot(x, dt)
+
+    def body(i: Array, acc: Array) -> Array:
+        return acc + _gram_dot(jax.lax.dynamic_slice_in_dim(x, i * _CHUNK, _CHUNK, axis=1), dt)
+
+    acc = jax.lax.fori_loop(0, m, body, jnp.zeros((t, t), dt))
+    if n > m * _CHUNK:
+        acc = acc + _gram_dot(x[:, m * _CHUNK :], dt)
+    return acc
 
 
 def leaf_gram(g: Array) -> Array:
@@ -353,22 +417,26 @@ def leaf_gram(g: Array) -> Array:
     if t == 1:
         x = g.astype(dt)
         return jnp.sum(x * x, axis=axes).reshape(1, 1)
-    if t <= _SMALL_T and out_sharding is None:
-        x = g.reshape(t, -1).astype(dt)
-        n = x.shape[1]
-        blk = _block_size(n)
-        if blk is not None:
-            xb = x.reshape(t, n // blk, blk)
-            return jnp.sum(xb[:, None] * xb[None, :], axis=(2, 3))
-        sq = jnp.sum(x * x, axis=1)
-        off = jnp.sum(x[0] * x[1])
-        return jnp.stack([sq[0], off, off, sq[1]]).reshape(2, 2)
-    # A reshape that merges an Explicit-sharded axis is an error: contract the axes as
-    # they are, naming the (replicated) output sharding when one is needed.
-    kw = {} if out_sharding is None else {"out_sharding": out_sharding}
-    return jax.lax.dot_general(
-        g, g, ((axes, axes), ((), ())), precision=_HIGHEST, preferred_element_type=dt, **kw
-    ).astype(dt)
+    if out_sharding is not None:
+        # A reshape that merges an Explicit-sharded axis is an error: contract the axes
+        # as they are, naming the (replicated) output sharding.
+        return jax.lax.dot_general(
+            g,
+            g,
+            ((axes, axes), ((), ())),
+            precision=_HIGHEST,
+            preferred_element_type=dt,
+            out_sharding=out_sharding,
+        ).astype(dt)
+    x = g.reshape(t, -1)
+    if x.shape[1] == 0:
+        return jnp.zeros((t, t), dt)
+    n = x.shape[1]
+    pairs = t <= 2 or (t <= _PAIR_MAX_T and n >= _PAIR_MIN_N)
+    cpu = _gram_pairs if pairs else _gram_chunked
+    return jax.lax.platform_dependent(
+        x, cpu=lambda x: cpu(x, dt), default=lambda x: _gram_dot(x, dt)
+    )
 
 
 def leaf_sq_norms(g: Array) -> Array:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -58,3 +59,44 @@ def test_gramian_zero_gradients() -> None:
         for n in (64, 10):
             g = _core.leaf_gram(jnp.zeros((t, n)))
             np.testing.assert_array_equal(np.asarray(g), np.zeros((t, t)))
+
+
+# Each CPU kernel, called directly, on shapes that reach every branch: exact block
+# divisors, a tail after the blocks (n with no divisor in 16..1024), several loop chunks
+# plus a remainder, and leaves of one or two chunks (a single dot).
+KERNEL_SIZES = [1, 17, 7919, 65536 + 7919, 3 * _core._CHUNK + 5, 2 * _core._CHUNK]
+
+
+@pytest.mark.parametrize("kernel", ["pairs", "chunked", "dot"])
+@pytest.mark.parametrize("t", [2, 3, 12, 13])
+def test_each_kernel_matches_float64(kernel: str, t: int) -> None:
+    fn = {"pairs": _core._gram_pairs, "chunked": _core._gram_chunked, "dot": _core._gram_dot}
+    rng = np.random.default_rng(100 + t)
+    for n in KERNEL_SIZES:
+        x = (rng.standard_normal((t, n)) * rng.uniform(0.1, 10.0, (t, 1))).astype(np.float32)
+        got = np.asarray(jax.jit(fn[kernel], static_argnums=1)(jnp.asarray(x), jnp.float32))
+        f = x.astype(np.float64)
+        want = f @ f.T
+        assert got.shape == (t, t) and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6 * np.abs(want).max())
+        np.testing.assert_array_equal(got, got.T)
+
+
+@pytest.mark.parametrize("t", [3, 8, 12, 13, 20])
+def test_core_picks_a_kernel_for_every_size(t: int) -> None:
+    """leaf_gram on leaves below and above the size thresholds, bf16 and float32."""
+    rng = np.random.default_rng(t)
+    for shape in [(40,), (300, 250), (_core._PAIR_MIN_N + 3,)]:
+        for dtype in (jnp.float32, jnp.bfloat16):
+            x = jnp.asarray(rng.standard_normal((t, *shape)), dtype)
+            got = np.asarray(jax.jit(_core.leaf_gram)(x), np.float64)
+            f = np.asarray(x.astype(jnp.float32), np.float64).reshape(t, -1)
+            want = f @ f.T
+            np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6 * np.abs(want).max())
+
+
+def test_bf16_pairs_accumulate_in_float32() -> None:
+    # 2^16 copies of 1 + 2^-7 (exact in bf16): a bf16 accumulator would stall at 256.
+    x = jnp.full((2, 1 << 16), 1 + 2.0**-7, jnp.bfloat16)
+    got = np.asarray(_core._gram_pairs(x, jnp.float32))
+    np.testing.assert_allclose(got, np.full((2, 2), (1 << 16) * (1 + 2.0**-7) ** 2), rtol=1e-6)
