@@ -95,7 +95,7 @@ def broadcast_blocks(f: jax.Array, blk: int) -> jax.Array:
 
 def variadic_reduce(f: jax.Array) -> jax.Array:
     """All ``T(T+1)/2`` row products in one variadic reduce (``_core._gram_pairs``)."""
-    return _core._gram_pairs(f, jnp.float32)
+    return _core._gram_pairs(f, jnp.float32)  # one reduce over the whole leaf
 
 
 def chunked_dot(f: jax.Array, chunk: int) -> jax.Array:

@@ -331,18 +331,24 @@ def _replicated_if_explicit(g: Array) -> Any:
 # vendor GEMM splits the long contraction). On CPU, XLA sends a (T, n) x (n, T) dot with
 # a tiny output and a long contraction to YNNPACK, which packs the transposed operand and
 # runs on one thread: 5-20x one pass over the gradients at n = 1e6, growing faster than
-# n. Two forms do better there (benchmarks/gram_kernels.py times them, RESULTS.md
-# section 5):
-#   * pairs: all T(T+1)/2 row products in one variadic reduce over (n / blk, blk)
-#     blocks. One fused, multi-threaded pass over the leaf, but scalar code whose work
-#     grows as T^2: it wins for T <= 2 at any size and up to T = _PAIR_MAX_T on leaves of
-#     at least _PAIR_MIN_N entries per task (below that its fixed cost loses to the dot).
-#   * chunked: the dot over column chunks of _CHUNK in a fori_loop, so each chunk's
-#     packing stays in cache: linear in n, 2x faster than one dot at n = 1e6, T >= 16;
-#     one plain dot for leaves under two chunks.
+# n. The CPU form (benchmarks/gram_kernels.py times the alternatives, RESULTS.md
+# section 5) walks the leaf in column chunks in a fori_loop and contracts each chunk:
+#   * by "pairs": all T(T+1)/2 row products in one variadic reduce over (c / blk, blk)
+#     blocks, one fused multi-threaded pass whose (scalar) work grows as T^2. It wins for
+#     T <= 2 at any size and up to T = _PAIR_MAX_T on leaves of at least _PAIR_MIN_N
+#     entries per task; below that its fixed cost loses to the dot, above T ~ 12 its
+#     accumulators spill.
+#   * by the dot otherwise: per chunk, YNNPACK's packing stays in cache (linear in n,
+#     2x faster than one dot at n = 1e6, T >= 16).
+# The chunks matter beyond cache: inside a train step the stacked gradients often come
+# out of the backward pass in a transposed physical layout (a Dense kernel's gradient is
+# computed as (T * out, in)). XLA then fuses that relayout into the Gramian's reads; the
+# chunk's dynamic_slice pays it once per element, where a whole-leaf reduce pays it in
+# each of its T(T+1)/2 products (3x slower in benchmarks/run.py's train step).
 # Both accumulate in the statistics dtype and agree with a float64 Gramian to ~1e-7.
 _PAIR_MAX_T = 12
 _PAIR_MIN_N = 65536
+_PAIR_CHUNK = 65536
 _CHUNK = 16384
 
 
@@ -374,7 +380,7 @@ def _pair_sums(x: Array, dt: Any) -> Array:
 
 
 def _gram_pairs(x: Array, dt: Any) -> Array:
-    """One-pass Gramian of ``x`` (T, n) by a variadic reduction (small T, CPU)."""
+    """The Gramian of ``x`` (T, n) from one variadic reduction over its row products."""
     t, n = x.shape
     blk = _block_size(n)
     m = n // blk
@@ -387,25 +393,33 @@ def _gram_pairs(x: Array, dt: Any) -> Array:
 
 
 def _gram_dot(x: Array, dt: Any) -> Array:
+    """The Gramian of ``x`` (T, n) as one ``dot_general``."""
     return jax.lax.dot_general(
         x, x, (((1,), (1,)), ((), ())), precision=_HIGHEST, preferred_element_type=dt
     ).astype(dt)
 
 
-def _gram_chunked(x: Array, dt: Any) -> Array:
-    """The dot summed over column chunks of ``x`` (T, n) in a loop (large T, CPU)."""
+def _gram_chunked(kernel: Callable[[Array, Any], Array], x: Array, dt: Any, chunk: int) -> Array:
+    """``kernel``'s Gramian summed over column chunks of ``x`` (T, n) in a loop."""
     t, n = x.shape
-    m = n // _CHUNK
+    m = n // chunk
     if m < 2:
-        return _gram_dot(x, dt)
+        return kernel(x, dt)
 
     def body(i: Array, acc: Array) -> Array:
-        return acc + _gram_dot(jax.lax.dynamic_slice_in_dim(x, i * _CHUNK, _CHUNK, axis=1), dt)
+        return acc + kernel(jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1), dt)
 
     acc = jax.lax.fori_loop(0, m, body, jnp.zeros((t, t), dt))
-    if n > m * _CHUNK:
-        acc = acc + _gram_dot(x[:, m * _CHUNK :], dt)
+    if n > m * chunk:
+        acc = acc + kernel(x[:, m * chunk :], dt)
     return acc
+
+
+def _gram_cpu(x: Array, dt: Any) -> Array:
+    t, n = x.shape
+    if t <= 2 or (t <= _PAIR_MAX_T and n >= _PAIR_MIN_N):
+        return _gram_chunked(_gram_pairs, x, dt, _PAIR_CHUNK)
+    return _gram_chunked(_gram_dot, x, dt, _CHUNK)
 
 
 def leaf_gram(g: Array) -> Array:
@@ -431,11 +445,8 @@ def leaf_gram(g: Array) -> Array:
     x = g.reshape(t, -1)
     if x.shape[1] == 0:
         return jnp.zeros((t, t), dt)
-    n = x.shape[1]
-    pairs = t <= 2 or (t <= _PAIR_MAX_T and n >= _PAIR_MIN_N)
-    cpu = _gram_pairs if pairs else _gram_chunked
     return jax.lax.platform_dependent(
-        x, cpu=lambda x: cpu(x, dt), default=lambda x: _gram_dot(x, dt)
+        x, cpu=lambda x: _gram_cpu(x, dt), default=lambda x: _gram_dot(x, dt)
     )
 
 

@@ -67,10 +67,19 @@ def test_gramian_zero_gradients() -> None:
 KERNEL_SIZES = [1, 17, 7919, 65536 + 7919, 3 * _core._CHUNK + 5, 2 * _core._CHUNK]
 
 
-@pytest.mark.parametrize("kernel", ["pairs", "chunked", "dot"])
+def _chunked(kernel, chunk):
+    return lambda x, dt: _core._gram_chunked(kernel, x, dt, chunk)
+
+
+@pytest.mark.parametrize("kernel", ["pairs", "dot", "chunked pairs", "chunked dot"])
 @pytest.mark.parametrize("t", [2, 3, 12, 13])
 def test_each_kernel_matches_float64(kernel: str, t: int) -> None:
-    fn = {"pairs": _core._gram_pairs, "chunked": _core._gram_chunked, "dot": _core._gram_dot}
+    fn = {
+        "pairs": _core._gram_pairs,
+        "dot": _core._gram_dot,
+        "chunked pairs": _chunked(_core._gram_pairs, _core._CHUNK),
+        "chunked dot": _chunked(_core._gram_dot, _core._CHUNK),
+    }
     rng = np.random.default_rng(100 + t)
     for n in KERNEL_SIZES:
         x = (rng.standard_normal((t, n)) * rng.uniform(0.1, 10.0, (t, 1))).astype(np.float32)
@@ -100,3 +109,29 @@ def test_bf16_pairs_accumulate_in_float32() -> None:
     x = jnp.full((2, 1 << 16), 1 + 2.0**-7, jnp.bfloat16)
     got = np.asarray(_core._gram_pairs(x, jnp.float32))
     np.testing.assert_allclose(got, np.full((2, 2), (1 << 16) * (1 + 2.0**-7) ** 2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("t", [2, 8, 16])
+def test_gramian_of_gradients_made_in_the_same_jit(t: int) -> None:
+    """Stacked Dense-kernel gradients from vmap(grad) in the same jit as the Gramian.
+
+    XLA computes them as ``(T * out, in)`` and may hand the Gramian a transposed
+    physical layout; the result must not depend on it.
+    """
+    rng = np.random.default_rng(t)
+    w = jnp.asarray(rng.standard_normal((96, 700)) / 10, jnp.float32)
+    xs = jnp.asarray(rng.standard_normal((32, 96)), jnp.float32)
+    ys = jnp.asarray(rng.standard_normal((t, 32, 700)), jnp.float32)
+
+    def loss(w, y):
+        return jnp.mean((jnp.tanh(xs @ w) - y) ** 2)
+
+    @jax.jit
+    def gram(w, ys):
+        g = jax.vmap(jax.grad(loss), in_axes=(None, 0))(w, ys)
+        return _core.gramian([g], t), g
+
+    got, g = gram(w, ys)
+    f = np.asarray(g, np.float64).reshape(t, -1)
+    want = f @ f.T
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-6, atol=1e-6 * np.abs(want).max())
