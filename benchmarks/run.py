@@ -46,12 +46,12 @@ if QUICK:
     TASKS: Sequence[int] = (2,)
     SIZES: Sequence[int] = (10_000,)
     STEP_TASKS: Sequence[int] = (2,)
-    MAX_ROUNDS, MIN_ROUNDS, CELL_SECONDS = 3, 3, 0.0
+    MAX_ROUNDS, MIN_ROUNDS, CELL_SECONDS, SAMPLE_SECONDS = 3, 3, 0.0, 0.0
 else:
     TASKS = (2, 8, 32)
     SIZES = (10_000, 1_000_000) + ((10_000_000,) if BACKEND != "cpu" else ())
     STEP_TASKS = (2, 8, 32)
-    MAX_ROUNDS, MIN_ROUNDS, CELL_SECONDS = 31, 5, 1.0
+    MAX_ROUNDS, MIN_ROUNDS, CELL_SECONDS, SAMPLE_SECONDS = 31, 5, 1.0, 2e-3
 
 COMPILE_T = 2 if QUICK else 8
 TARGET = {"gram": 3.0, "norm": 2.0}
@@ -86,20 +86,27 @@ class Timings(dict):
 def interleaved(calls: dict[str, Callable[[], Any]]) -> Timings:
     """Seconds per call of each callable, timed round-robin (two warm-up calls).
 
-    In each round every callable runs twice and the second call is timed: the first call
-    after switching libraries (torch <-> XLA thread pools) is often slowed by the switch.
+    In each round every callable runs once untimed and then ``k`` times timed, where
+    ``k`` makes a sample last about ``SAMPLE_SECONDS`` (1 for slow calls): the first
+    call after switching libraries (torch <-> XLA thread pools) is often slowed by the
+    switch, and a single call of a few tens of microseconds is mostly timer and
+    dispatch jitter.
     """
-    for fn in calls.values():
+    reps: dict[str, int] = {}
+    for k, fn in calls.items():
         fn()
+        t0 = time.perf_counter()
         fn()
+        reps[k] = max(1, min(100, int(SAMPLE_SECONDS / max(time.perf_counter() - t0, 1e-7))))
     times: dict[str, list[float]] = {k: [] for k in calls}
     start = time.perf_counter()
     for r in range(MAX_ROUNDS):
         for k, fn in calls.items():
             fn()
             t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+            for _ in range(reps[k]):
+                fn()
+            times[k].append((time.perf_counter() - t0) / reps[k])
         if r + 1 >= MIN_ROUNDS and time.perf_counter() - start > CELL_SECONDS:
             break
     return Timings(times)
@@ -194,19 +201,29 @@ def torchjd_setup(rep: Report) -> Any:
     return torch, torchjd.aggregation, torch.__version__, version
 
 
-def agg_cell(m: BenchMethod, t: int, grads: Any, tmat: Any, tj: Any) -> Timings:
-    """Floor, ours and (where paired) torchjd on one cell, interleaved; median seconds."""
+def agg_cell(
+    m: BenchMethod, t: int, grads: Any, tmat: Any, tj: Any
+) -> tuple[Timings, Timings | None]:
+    """Floor against ours, then (where paired) ours against torchjd; median seconds.
+
+    Two separate interleaved loops, so torch's threads never run between the XLA calls
+    whose ratio is the floor target.
+    """
     losses = jnp.linspace(1.0, 2.0, t)
     w = jnp.full((t,), 1.0 / t, jnp.float32)
     floor = jax.jit(floor_fn)
     tx = m.make(t)
     state = tx.init(jax.tree.map(lambda g: g[0], grads))
     upd = update_fn(tx)
-    calls: dict[str, Callable[[], Any]] = {
-        "floor": lambda: jax.block_until_ready(floor(w, grads)),
-        "ours": lambda: jax.block_until_ready(upd(grads, state, losses)),
-    }
-    if tj is not None and m.torchjd is not None and hasattr(tj[1], m.torchjd):
+
+    def ours() -> Any:
+        return jax.block_until_ready(upd(grads, state, losses))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = interleaved({"floor": lambda: jax.block_until_ready(floor(w, grads)), "ours": ours})
+        if tj is None or m.torchjd is None or not hasattr(tj[1], m.torchjd):
+            return res, None
         torch, tja = tj[0], tj[1]
         agg = getattr(tja, m.torchjd)(**m.torchjd_kwargs(t))
 
@@ -214,10 +231,7 @@ def agg_cell(m: BenchMethod, t: int, grads: Any, tmat: Any, tj: Any) -> Timings:
             with torch.no_grad():
                 return agg(tmat)
 
-        calls["torchjd"] = theirs
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return interleaved(calls)
+        return res, interleaved({"ours": ours, "torchjd": theirs})
 
 
 def bench_aggregation(methods: list[BenchMethod], rep: Report, tj: Any) -> None:
@@ -230,7 +244,7 @@ def bench_aggregation(methods: list[BenchMethod], rep: Report, tj: Any) -> None:
             tmat = None if tj is None else tj[0].from_numpy(np.ascontiguousarray(mat))
             del tree_np, mat
             for m in methods:
-                res = agg_cell(m, t, grads, tmat, tj)
+                res, res_tj = agg_cell(m, t, grads, tmat, tj)
                 ratio = res.ratio("ours", "floor")
                 target = TARGET[m.kind]
                 ok = ratio <= target
@@ -251,8 +265,8 @@ def bench_aggregation(methods: list[BenchMethod], rep: Report, tj: Any) -> None:
                         "ok" if ok else f"**MISS** (>{target:g})",
                     ]
                 )
-                if "torchjd" in res:
-                    r = res.ratio("ours", "torchjd")
+                if res_tj is not None:
+                    r = res_tj.ratio("ours", "torchjd")
                     if r >= 1.0:
                         rep.misses.append(f"torchjd {cell}: ours/theirs = {r:.2f} (not faster)")
                     rows_tj.append(
@@ -261,21 +275,24 @@ def bench_aggregation(methods: list[BenchMethod], rep: Report, tj: Any) -> None:
                             m.torchjd,
                             t,
                             f"{p:.0e}",
-                            ms(res["ours"]),
-                            ms(res["torchjd"]),
+                            ms(res_tj["ours"]),
+                            ms(res_tj["torchjd"]),
                             f"{r:.2f}",
                             "ok" if r < 1.0 else "**MISS**",
                         ]
                     )
+                timed = {**res, **({"torchjd": res_tj["torchjd"]} if res_tj else {})}
                 print(
-                    f"  [{load()}] {cell}: " + ", ".join(f"{k}={ms(v)}ms" for k, v in res.items())
+                    f"  [{load()}] {cell}: " + ", ".join(f"{k}={ms(v)}ms" for k, v in timed.items())
                 )
     rep.add("## 1. Aggregation cost against the one-pass floor")
     rep.add(
         f"Jitted `update` on random stacked float32 gradients (4 leaves totalling P), "
-        f"median ms; floor = jitted `w @ J` leaf by leaf (one pass over the gradients). "
-        f"Target: <= {TARGET['gram']:g}x for Gramian methods, <= {TARGET['norm']:g}x for "
-        f"norm methods. Load (1/5/15 min) before: {load_before}; after: {load()}."
+        f"median ms; floor = jitted `w @ J` leaf by leaf (one pass over the gradients), "
+        "timed interleaved with ours (each sample averages enough back-to-back calls to "
+        f"last ~{SAMPLE_SECONDS * 1e3:g} ms). Target: <= {TARGET['gram']:g}x for Gramian "
+        f"methods, <= {TARGET['norm']:g}x for norm methods. "
+        f"Load (1/5/15 min) before: {load_before}; after: {load()}."
     )
     rep.add(
         table(
@@ -290,8 +307,9 @@ def bench_aggregation(methods: list[BenchMethod], rep: Report, tj: Any) -> None:
     rep.add(
         f"torch {tj[2]}, torchjd {tj[3]}, `torch.set_num_threads({THREADS})` (XLA uses "
         f"{THREADS} threads). The same J as one (T, P) float32 matrix; torchjd's aggregator "
-        "called under `torch.no_grad()`, timed interleaved with ours (the same cells as "
-        "section 1). Both libraries at their default hyperparameters (CAGrad c=0.5). "
+        "called under `torch.no_grad()`, timed interleaved with ours in a loop of their own "
+        "(the same cells as section 1; the ours column here is that loop's timing). Both "
+        "libraries at their default hyperparameters (CAGrad c=0.5). "
         "Target: ours/theirs < 1 at every cell."
     )
     rep.add(
@@ -456,26 +474,34 @@ def bench_compile(methods: list[BenchMethod], rep: Report) -> None:
 WHY = """Why (what this benchmark's own tables show):
 
 - **Gramian methods, T >= 8, P = 1e6 (floor and torchjd).** The Gramian `J J^T` is a
-  (T, P) x (P, T) product: a tiny output and a very long contraction. XLA on CPU lowers
-  every form of it we tried (plain, on F.T, batched over blocks of P, split into k dots,
-  rank-k reshapes, size-1 batch dims, explicit dot algorithms, folding P into rows) to
-  its YNNPACK dot, which runs it at 4-14x the one-pass floor; the only forms that escape
-  it need a materialised transpose of J (costing more than they save). PyTorch's GEMM
-  takes 2-3x, and XLA's Eigen dot, reachable only with
-  `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`, 4-5x (section 5). Fused
-  elementwise reductions beat the dot only for T <= 2 (they read J once, but their
-  work grows as T^2 per element), so the core uses them there and the dot above.
-  torchjd's MGDA/UPGrad spend the same Gramian plus Python-level solver loops; where
-  ours loses to torchjd it is the Gramian, not the solver.
+  (T, P) x (P, T) product: a tiny output and a very long contraction. XLA on CPU sends
+  every dot of that shape to YNNPACK, which runs it on one thread at 6-15x the one-pass
+  floor and grows faster than P (section 5: `dot`). The core avoids it on CPU: it walks
+  each leaf in column chunks in a `fori_loop` and contracts each chunk either with one
+  variadic reduce over all T(T+1)/2 row products ("pairs": T <= 2, or T <= 12 on leaves
+  of >= 65536 entries per task) or with the dot on the in-cache chunk (the rest). That
+  halves the Gramian (T=8: ~9 -> ~4.5 ms, T=32: ~80 -> ~40 ms at P=1e6) but leaves it
+  at 3-4x the floor for T=8 and 5-7x for T=32: XLA emits the variadic reduce as scalar
+  code (T(T+1)/2 multiply-adds per entry), and the chunked dot is still single-threaded.
+  With the combination pass on top, Gramian methods land at 3.5-4.5x (T=8) and ~8x
+  (T=32) across runs. PyTorch's GEMM (multi-threaded) computes the same Gramian in
+  2-5x, which is why torchjd stays ahead there. XLA's Eigen dot, reachable only with
+  `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=` (a user's process flag, not the
+  library's), is multi-threaded too: with it the core's T=32 Gramian drops to ~28 ms.
+  Forms that lose (section 5): batched dots over P-blocks, split dots, a transposed
+  operand, outer-product broadcasts, one reduction per pair, a 1x1 convolution, and
+  matrix-vector products per task.
 - **P = 1e4.** The floor is a few tens of microseconds: one update's fixed cost (the
   solver's `while_loop`, state update, non-finite guard, a dozen small kernels each
   dispatched by XLA's CPU runtime) is of that size, so ratios there measure dispatch.
 - **Norm methods.** The weights depend on the norms, so two passes (norms, then the
   weighted sum) are the minimum; 2x is the ideal, and any fixed cost lands above it.
-- **Train step.** The step is dominated by the T backward passes; the method adds a
-  Gramian or norms plus the combination over the stacked trunk gradients. On the
-  loaded machine this ratio moved by +-30% between runs for the same cell (balancer,
-  T=8: 1.08 in one run, 1.48 in the next), so single misses here need a quiet rerun.
+- **Train step.** The step is dominated by the T backward passes; the method adds the
+  Gramian (or norms) of the stacked trunk gradients plus the combination. At T=8 the
+  328,704 shared parameters' Gramian costs ~2.5 ms inside the step against a 15-16 ms
+  equal-weight step, hence ~1.15. Inside a step, vmap(grad) hands the Gramian its Dense
+  kernels' gradients in a transposed physical layout; the chunked loop pays that
+  relayout once per entry (a whole-leaf reduce paid it in every row product: 1.7x).
 - **Load.** The machine's 2 cores were shared (load average printed with each table):
   single cells swing by 2x between runs; rerun on a quiet machine for final figures."""
 
