@@ -353,8 +353,13 @@ _CHUNK = 16384
 
 
 def _block_size(n: int) -> int:
-    """A divisor of ``n`` in 64..1024 (else 63..16), or 256 (the remainder is a tail)."""
-    for b in (*range(64, 1025), *range(63, 15, -1)):
+    """The largest divisor of ``n`` in 16..1024, or 256 (the remainder is then a tail).
+
+    Longer rows amortise the reduce's per-row work (T=8, 65536 columns: 4.6 ms per 1e6
+    entries at 64, 3.7 at 1024); each row is summed in order, so rows much longer than
+    1024 lose float32 accuracy (4e-6 relative at 3750 on bf16 inputs).
+    """
+    for b in range(min(n, 1024), 15, -1):
         if n % b == 0:
             return b
     return 256
