@@ -47,11 +47,13 @@ if QUICK:
     SIZES: Sequence[int] = (10_000,)
     STEP_TASKS: Sequence[int] = (2,)
     MAX_ROUNDS, MIN_ROUNDS, CELL_SECONDS, SAMPLE_SECONDS = 3, 3, 0.0, 0.0
+    TORCH_SAMPLE_SECONDS, TORCH_SETTLE_SECONDS = 0.0, 0.0
 else:
     TASKS = (2, 8, 32)
     SIZES = (10_000, 1_000_000) + ((10_000_000,) if BACKEND != "cpu" else ())
     STEP_TASKS = (2, 8, 32)
     MAX_ROUNDS, MIN_ROUNDS, CELL_SECONDS, SAMPLE_SECONDS = 31, 5, 1.0, 2e-3
+    TORCH_SAMPLE_SECONDS, TORCH_SETTLE_SECONDS = 10e-3, 20e-3
 
 COMPILE_T = 2 if QUICK else 8
 TARGET = {"gram": 3.0, "norm": 2.0}
@@ -83,26 +85,32 @@ class Timings(dict):
         return float(np.median(np.asarray(self.samples[a]) / np.asarray(self.samples[b])))
 
 
-def interleaved(calls: dict[str, Callable[[], Any]]) -> Timings:
+def interleaved(
+    calls: dict[str, Callable[[], Any]], sample: float | None = None, settle: float = 0.0
+) -> Timings:
     """Seconds per call of each callable, timed round-robin (two warm-up calls).
 
-    In each round every callable runs once untimed and then ``k`` times timed, where
-    ``k`` makes a sample last about ``SAMPLE_SECONDS`` (1 for slow calls): the first
-    call after switching libraries (torch <-> XLA thread pools) is often slowed by the
-    switch, and a single call of a few tens of microseconds is mostly timer and
-    dispatch jitter.
+    In each round every callable first runs untimed (once, or for ``settle`` seconds),
+    then ``k`` times timed, where ``k`` makes a sample last about ``sample`` seconds
+    (default ``SAMPLE_SECONDS``; 1 for slow calls): the first calls after switching
+    libraries (torch <-> XLA thread pools) are slowed by the switch, and a single call
+    of a few tens of microseconds is mostly timer and dispatch jitter.
     """
+    sample = SAMPLE_SECONDS if sample is None else sample
     reps: dict[str, int] = {}
     for k, fn in calls.items():
         fn()
         t0 = time.perf_counter()
         fn()
-        reps[k] = max(1, min(100, int(SAMPLE_SECONDS / max(time.perf_counter() - t0, 1e-7))))
+        reps[k] = max(1, min(200, int(sample / max(time.perf_counter() - t0, 1e-7))))
     times: dict[str, list[float]] = {k: [] for k in calls}
     start = time.perf_counter()
     for r in range(MAX_ROUNDS):
         for k, fn in calls.items():
+            t_settle = time.perf_counter()
             fn()
+            while time.perf_counter() - t_settle < settle:
+                fn()
             t0 = time.perf_counter()
             for _ in range(reps[k]):
                 fn()
@@ -231,7 +239,14 @@ def agg_cell(
             with torch.no_grad():
                 return agg(tmat)
 
-        return res, interleaved({"ours": ours, "torchjd": theirs})
+        # Each library gets TORCH_SETTLE_SECONDS of untimed calls before its timed block:
+        # torch's OpenMP workers keep spinning after a call, and on a small machine
+        # they would otherwise slow the XLA calls right after (and vice versa).
+        return res, interleaved(
+            {"ours": ours, "torchjd": theirs},
+            sample=TORCH_SAMPLE_SECONDS,
+            settle=TORCH_SETTLE_SECONDS,
+        )
 
 
 def bench_aggregation(methods: list[BenchMethod], rep: Report, tj: Any) -> None:
@@ -308,7 +323,9 @@ def bench_aggregation(methods: list[BenchMethod], rep: Report, tj: Any) -> None:
         f"torch {tj[2]}, torchjd {tj[3]}, `torch.set_num_threads({THREADS})` (XLA uses "
         f"{THREADS} threads). The same J as one (T, P) float32 matrix; torchjd's aggregator "
         "called under `torch.no_grad()`, timed interleaved with ours in a loop of their own "
-        "(the same cells as section 1; the ours column here is that loop's timing). Both "
+        f"(the same cells as section 1; the ours column here is that loop's timing): each "
+        f"library runs {TORCH_SETTLE_SECONDS * 1e3:g} ms of untimed calls, then a timed "
+        f"block of ~{TORCH_SAMPLE_SECONDS * 1e3:g} ms. Both "
         "libraries at their default hyperparameters (CAGrad c=0.5). "
         "Target: ours/theirs < 1 at every cell."
     )
