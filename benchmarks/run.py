@@ -508,6 +508,10 @@ WHY = """Why (what this benchmark's own tables show):
   Forms that lose (section 5): batched dots over P-blocks, split dots, a transposed
   operand, outer-product broadcasts, one reduction per pair, a 1x1 convolution, and
   matrix-vector products per task.
+- **T = 2, P = 1e6 against torchjd.** Ours is two passes (the pairs Gramian and the
+  combination), about 2x the floor (section 1, ~1.2 ms); torchjd's whole aggregator takes
+  0.85-1 ms because PyTorch's GEMM reads the matrix as fast as XLA's single pass does
+  (section 5, T=2: torch `F @ F.T` vs the floor).
 - **P = 1e4.** The floor is a few tens of microseconds: one update's fixed cost (the
   solver's `while_loop`, state update, non-finite guard, a dozen small kernels each
   dispatched by XLA's CPU runtime) is of that size, so ratios there measure dispatch.
