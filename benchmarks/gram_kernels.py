@@ -99,15 +99,8 @@ def variadic_reduce(f: jax.Array) -> jax.Array:
 
 
 def chunked_dot(f: jax.Array, chunk: int) -> jax.Array:
-    """The dot over column chunks in a ``fori_loop`` (``_core._gram_chunked`` at 16384)."""
-    t, p = f.shape
-    m = p // chunk
-
-    def body(i: jax.Array, acc: jax.Array) -> jax.Array:
-        return acc + dot(jax.lax.dynamic_slice_in_dim(f, i * chunk, chunk, axis=1))
-
-    acc = jax.lax.fori_loop(0, m, body, jnp.zeros((t, t), jnp.float32))
-    return acc + dot(f[:, m * chunk :]) if p > m * chunk else acc
+    """The dot over column chunks in a ``fori_loop`` (the core's loop, any chunk size)."""
+    return _core._gram_chunked(_core._gram_dot, f, jnp.float32, chunk)
 
 
 def conv_1x1(f: jax.Array) -> jax.Array:
