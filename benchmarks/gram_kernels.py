@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -156,22 +155,10 @@ MAX_T_VARIADIC = 16  # T=16 already spills (slower than the dot); larger T compi
 
 
 def _time(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Median seconds per call, round-robin; each sample averages calls worth ~5 ms."""
-    reps = {}
-    for k, fn in calls.items():
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        reps[k] = max(1, min(50, int(5e-3 / max(time.perf_counter() - t0, 1e-7))))
-    ts: dict[str, list[float]] = {k: [] for k in calls}
-    for _ in range(rounds):
-        for k, fn in calls.items():
-            fn()
-            t0 = time.perf_counter()
-            for _ in range(reps[k]):
-                fn()
-            ts[k].append((time.perf_counter() - t0) / reps[k])
-    return {k: float(np.median(v)) for k, v in ts.items()}
+    """Median seconds per call: ``benchmarks.run.interleaved`` with ~5 ms samples."""
+    from benchmarks.run import interleaved
+
+    return dict(interleaved(calls, sample=5e-3, rounds=rounds))
 
 
 def measure(t: int, p: int, threads: int, rounds: int = 9) -> dict[str, tuple[float, float]]:

@@ -86,7 +86,10 @@ class Timings(dict):
 
 
 def interleaved(
-    calls: dict[str, Callable[[], Any]], sample: float | None = None, settle: float = 0.0
+    calls: dict[str, Callable[[], Any]],
+    sample: float | None = None,
+    settle: float = 0.0,
+    rounds: int | None = None,
 ) -> Timings:
     """Seconds per call of each callable, timed round-robin (two warm-up calls).
 
@@ -94,7 +97,8 @@ def interleaved(
     then ``k`` times timed, where ``k`` makes a sample last about ``sample`` seconds
     (default ``SAMPLE_SECONDS``; 1 for slow calls): the first calls after switching
     libraries (torch <-> XLA thread pools) are slowed by the switch, and a single call
-    of a few tens of microseconds is mostly timer and dispatch jitter.
+    of a few tens of microseconds is mostly timer and dispatch jitter. ``rounds`` fixes
+    the number of rounds (default: ``MIN_ROUNDS``..``MAX_ROUNDS`` within ``CELL_SECONDS``).
     """
     sample = SAMPLE_SECONDS if sample is None else sample
     reps: dict[str, int] = {}
@@ -105,7 +109,7 @@ def interleaved(
         reps[k] = max(1, min(200, int(sample / max(time.perf_counter() - t0, 1e-7))))
     times: dict[str, list[float]] = {k: [] for k in calls}
     start = time.perf_counter()
-    for r in range(MAX_ROUNDS):
+    for r in range(MAX_ROUNDS if rounds is None else rounds):
         for k, fn in calls.items():
             t_settle = time.perf_counter()
             fn()
@@ -115,7 +119,7 @@ def interleaved(
             for _ in range(reps[k]):
                 fn()
             times[k].append((time.perf_counter() - t0) / reps[k])
-        if r + 1 >= MIN_ROUNDS and time.perf_counter() - start > CELL_SECONDS:
+        if rounds is None and r + 1 >= MIN_ROUNDS and time.perf_counter() - start > CELL_SECONDS:
             break
     return Timings(times)
 
@@ -492,7 +496,7 @@ WHY = """Why (what this benchmark's own tables show):
 
 - **Gramian methods, T >= 8, P = 1e6 (floor and torchjd).** The Gramian `J J^T` is a
   (T, P) x (P, T) product: a tiny output and a very long contraction. XLA on CPU sends
-  every dot of that shape to YNNPACK, which runs it on one thread at 6-15x the one-pass
+  every dot of that shape to YNNPACK, which runs it on one thread at 6-17x the one-pass
   floor and grows faster than P (section 5: `dot`). The core avoids it on CPU: it walks
   each leaf in column chunks in a `fori_loop` and contracts each chunk either with one
   variadic reduce over all T(T+1)/2 row products ("pairs": T <= 2, or T <= 12 on leaves

@@ -330,7 +330,7 @@ def _replicated_if_explicit(g: Array) -> Any:
 # How one leaf's Gramian is contracted. On GPU/TPU it is one ``dot_general`` (the
 # vendor GEMM splits the long contraction). On CPU, XLA sends a (T, n) x (n, T) dot with
 # a tiny output and a long contraction to YNNPACK, which packs the transposed operand and
-# runs on one thread: 5-20x one pass over the gradients at n = 1e6, growing faster than
+# runs on one thread: 6-17x one pass over the gradients at n = 1e6, growing faster than
 # n. The CPU form (benchmarks/gram_kernels.py times the alternatives, RESULTS.md
 # section 5) walks the leaf in column chunks in a fori_loop and contracts each chunk:
 #   * by "pairs": all T(T+1)/2 row products in one variadic reduce over (c / blk, blk)
@@ -344,7 +344,8 @@ def _replicated_if_explicit(g: Array) -> Any:
 # out of the backward pass in a transposed physical layout (a Dense kernel's gradient is
 # computed as (T * out, in)). XLA then fuses that relayout into the Gramian's reads; the
 # chunk's dynamic_slice pays it once per element, where a whole-leaf reduce pays it in
-# each of its T(T+1)/2 products (3x slower in benchmarks/run.py's train step).
+# each of its T(T+1)/2 products (benchmarks/run.py's train step at T=8: 1.7x the
+# equal-weight step with the whole-leaf reduce, 1.1-1.2x with chunks).
 # Both accumulate in the statistics dtype and agree with a float64 Gramian to ~1e-7.
 _PAIR_MAX_T = 12
 _PAIR_MIN_N = 65536
@@ -434,8 +435,7 @@ def leaf_gram(g: Array) -> Array:
     axes = _rest(g)
     out_sharding = _replicated_if_explicit(g)
     if t == 1:
-        x = g.astype(dt)
-        return jnp.sum(x * x, axis=axes).reshape(1, 1)
+        return leaf_sq_norms(g).reshape(1, 1)
     if out_sharding is not None:
         # A reshape that merges an Explicit-sharded axis is an error: contract the axes
         # as they are, naming the (replicated) output sharding.
