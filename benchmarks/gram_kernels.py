@@ -4,8 +4,8 @@ The Gramian ``G = F F^T`` of a ``(T, P)`` leaf has a tiny output and a huge cont
 a shape CPU GEMM libraries handle poorly (they pack both operands and parallelise over
 the output). This section times the ways of writing it in XLA against the one-pass floor
 ``w @ F`` and PyTorch's ``F @ F.T`` on the same matrix, and checks each against a NumPy
-float64 Gramian. ``core`` is what ``optax_balance._core.leaf_gram`` does in this build: on
-CPU, ``variadic reduce`` up to ``_core._PAIR_MAX_T`` tasks and ``chunked dot`` beyond.
+float64 Gramian. ``core`` is what ``optax_balance._gram.leaf_gram`` does in this build: on
+CPU, ``variadic reduce`` up to ``_gram._PAIR_MAX_T`` tasks and ``chunked dot`` beyond.
 
 Run alone with ``BENCH_SECTIONS=kernels python -m benchmarks.run``.
 """
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_balance import _core
+from optax_balance._core import _gram
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _DN = (((1,), (1,)), ((), ()))
@@ -93,13 +93,13 @@ def broadcast_blocks(f: jax.Array, blk: int) -> jax.Array:
 
 
 def variadic_reduce(f: jax.Array) -> jax.Array:
-    """All ``T(T+1)/2`` row products in one variadic reduce (``_core._gram_pairs``)."""
-    return _core._gram_pairs(f, jnp.float32)  # one reduce over the whole leaf
+    """All ``T(T+1)/2`` row products in one variadic reduce (``_gram._gram_pairs``)."""
+    return _gram._gram_pairs(f, jnp.float32)  # one reduce over the whole leaf
 
 
 def chunked_dot(f: jax.Array, chunk: int) -> jax.Array:
     """The dot over column chunks in a ``fori_loop`` (the core's loop, any chunk size)."""
-    return _core._gram_chunked(_core._gram_dot, f, jnp.float32, chunk)
+    return _gram._gram_chunked(_gram._gram_dot, f, jnp.float32, chunk)
 
 
 def conv_1x1(f: jax.Array) -> jax.Array:
@@ -129,11 +129,11 @@ def matvecs(f: jax.Array) -> jax.Array:
         ]
         return jnp.stack(cols, axis=1)
 
-    return _core._gram_chunked(kernel, f, jnp.float32, 4096)
+    return _gram._gram_chunked(kernel, f, jnp.float32, 4096)
 
 
 CANDIDATES: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "core": _core.leaf_gram,
+    "core": _gram.leaf_gram,
     "variadic reduce": variadic_reduce,
     "chunked dot 4096": partial(chunked_dot, chunk=4096),
     "chunked dot 16384": partial(chunked_dot, chunk=16384),
@@ -211,7 +211,7 @@ def measure_dot_without_ynn(t: int, p: int, rounds: int = 9) -> dict[str, float]
         f"w = jnp.full(({t},), 1.0 / {t}, jnp.float32)\n"
         "fl = jax.jit(lambda w, f: jnp.tensordot(w, f, axes=1))\n"
         "d = jax.jit(gk.dot)\n"
-        "c = jax.jit(gk._core.leaf_gram)\n"
+        "c = jax.jit(gk._gram.leaf_gram)\n"
         "r = gk._time({'floor': lambda: jax.block_until_ready(fl(w, f)),"
         " 'core': lambda: jax.block_until_ready(c(f)),"
         f" 'dot': lambda: jax.block_until_ready(d(f))}}, {rounds})\n"
@@ -266,7 +266,7 @@ def section(
     rep.add(
         f"`G = F F^T` of one (T, P={p:.0e}) float32 leaf: median ms (ratio to the floor "
         "`w @ F`), and max |G - G_f64| / max |G_f64| against a NumPy float64 Gramian. "
-        f"`core` is `optax_balance._core.leaf_gram`. The last two rows run the core and the "
+        f"`core` is `optax_balance._gram.leaf_gram`. The last two rows run the core and the "
         "plain dot in a separate process with XLA's YNNPACK dot fusion switched off (XLA then "
         "uses Eigen); the library cannot set that flag, a user can. "
         f"Load before: {load_before}; after: {load()}."

@@ -5,21 +5,27 @@ leading task axis, as from :func:`value_and_task_grads`, ``jax.vmap(jax.grad)`` 
 ``jax.jacrev``) and returns one combined gradient, so it chains in front of any optimizer::
 
     tx = optax.chain(ob.mgda(), optax.adam(1e-3))
+
+Each method is a :class:`Weighting` (``ob.weightings.<name>``: statistics [+ state] ->
+weights [+ state]) made into a transformation by :func:`balance`.
 """
 
-from optax_balance._aligned_mtl import AlignedMTLState, aligned_mtl
-from optax_balance._balancer import BalancerState, balancer
-from optax_balance._cagrad import CAGradState, cagrad
-from optax_balance._dualproj import DualProjState, dualproj
-from optax_balance._gradnorm import GradNormState, gradnorm
+from optax_balance import weightings
+from optax_balance._core import Stats, Weighting, balance
 from optax_balance._grads import task_weights, value_and_task_grads
-from optax_balance._imtl_g import IMTLGState, imtl_g
-from optax_balance._metabalance import MetaBalanceState, metabalance
-from optax_balance._mgda import MGDAState, mgda
-from optax_balance._nash_mtl import NashMTLState, nash_mtl
-from optax_balance._pcgrad import PCGradState, pcgrad
+from optax_balance._gramian._aligned_mtl import AlignedMTLState, aligned_mtl
+from optax_balance._gramian._cagrad import CAGradState, cagrad
+from optax_balance._gramian._dualproj import DualProjState, dualproj
+from optax_balance._gramian._imtl_g import IMTLGState, imtl_g
+from optax_balance._gramian._mgda import MGDAState, mgda
+from optax_balance._gramian._nash_mtl import NashMTLState, nash_mtl
+from optax_balance._gramian._pcgrad import PCGradState, pcgrad
+from optax_balance._gramian._upgrad import UPGradState, upgrad
+from optax_balance._norm._balancer import BalancerState, balancer
+from optax_balance._norm._gradnorm import GradNormState, gradnorm
+from optax_balance._norm._metabalance import MetaBalanceState, metabalance
 from optax_balance._representation import value_and_balanced_grad
-from optax_balance._upgrad import UPGradState, upgrad
+from optax_balance._wrappers._cr_mogm import CRMOGMState, cr_mogm
 
 __version__ = "0.1.0"
 
@@ -27,6 +33,7 @@ __all__ = [
     "AlignedMTLState",
     "BalancerState",
     "CAGradState",
+    "CRMOGMState",
     "DualProjState",
     "GradNormState",
     "IMTLGState",
@@ -34,10 +41,14 @@ __all__ = [
     "MetaBalanceState",
     "NashMTLState",
     "PCGradState",
+    "Stats",
     "UPGradState",
+    "Weighting",
     "aligned_mtl",
+    "balance",
     "balancer",
     "cagrad",
+    "cr_mogm",
     "dualproj",
     "gradnorm",
     "imtl_g",
@@ -49,4 +60,5 @@ __all__ = [
     "upgrad",
     "value_and_balanced_grad",
     "value_and_task_grads",
+    "weightings",
 ]

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import optax_balance as ob
-from optax_balance._aligned_mtl import balance_matrix
+from optax_balance._gramian._aligned_mtl import balance_matrix
 
 J_GOLDEN = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
 EPS32 = float(np.finfo(np.float32).eps)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import optax_balance as ob
-from optax_balance import _cagrad, _qp
+from optax_balance._gramian import _cagrad
+from optax_balance._solvers import _qp
 from tests import checks
 from tests import qp_reference as ref
 

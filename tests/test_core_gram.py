@@ -8,16 +8,8 @@ import numpy as np
 import pytest
 
 from optax_balance import _core
-
-
-def _np_gram(leaves: list[np.ndarray]) -> np.ndarray:
-    t = leaves[0].shape[0]
-    out = np.zeros((t, t))
-    for g in leaves:
-        f = np.asarray(g, np.float64).reshape(t, -1)
-        out += f @ f.T
-    return out
-
+from optax_balance._core import _gram
+from tests.tolerance import assert_gram_close
 
 # Shapes hit the blocked path (a divisor in 16..1024), the flat path (primes), tiny leaves.
 SHAPES = [(128, 64), (37, 11), (5,), (1,), (64,), (3, 1000), (101, 13), (7919,)]
@@ -33,9 +25,8 @@ def test_gramian_matches_float64(t: int) -> None:
         for s in SHAPES
     ]
     got = np.asarray(_core.gramian([jnp.asarray(x) for x in leaves], t), np.float64)
-    want = _np_gram(leaves)
     assert got.shape == (t, t)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert_gram_close(got, np.concatenate([x.reshape(t, -1) for x in leaves], axis=1))
     np.testing.assert_array_equal(got, got.T)
 
 
@@ -46,48 +37,44 @@ def test_gramian_bf16_and_extreme_scales(t: int) -> None:
     for dtype in (jnp.bfloat16, jnp.float32):
         for shape in [(t, 640), (t, 33)]:
             x = jnp.asarray(rng.standard_normal(shape) * scale[:, :1] ** 0.5, dtype)
-            got = np.asarray(_core.leaf_gram(x), np.float64)
-            f = np.asarray(x.astype(jnp.float32), np.float64)
-            want = f @ f.T
+            got = np.asarray(_gram.leaf_gram(x), np.float64)
             assert np.all(np.isfinite(got))
-            assert got.dtype == np.float64 and _core.leaf_gram(x).dtype == jnp.float32
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+            assert _gram.leaf_gram(x).dtype == jnp.float32
+            assert_gram_close(got, x.astype(jnp.float32))
 
 
 def test_gramian_zero_gradients() -> None:
     for t in (1, 2, 3):
         for n in (64, 10):
-            g = _core.leaf_gram(jnp.zeros((t, n)))
+            g = _gram.leaf_gram(jnp.zeros((t, n)))
             np.testing.assert_array_equal(np.asarray(g), np.zeros((t, t)))
 
 
 # Each CPU kernel, called directly, on shapes that reach every branch: exact block
 # divisors, a tail after the blocks (n with no divisor in 16..1024), several loop chunks
 # plus a remainder, and leaves of one or two chunks (a single dot).
-KERNEL_SIZES = [1, 17, 7919, 65536 + 7919, 3 * _core._CHUNK + 5, 2 * _core._CHUNK]
+KERNEL_SIZES = [1, 17, 7919, 65536 + 7919, 3 * _gram._CHUNK + 5, 2 * _gram._CHUNK]
 
 
 def _chunked(kernel, chunk):
-    return lambda x, dt: _core._gram_chunked(kernel, x, dt, chunk)
+    return lambda x, dt: _gram._gram_chunked(kernel, x, dt, chunk)
 
 
 @pytest.mark.parametrize("kernel", ["pairs", "dot", "chunked pairs", "chunked dot"])
 @pytest.mark.parametrize("t", [2, 3, 12, 13])
 def test_each_kernel_matches_float64(kernel: str, t: int) -> None:
     fn = {
-        "pairs": _core._gram_pairs,
-        "dot": _core._gram_dot,
-        "chunked pairs": _chunked(_core._gram_pairs, _core._CHUNK),
-        "chunked dot": _chunked(_core._gram_dot, _core._CHUNK),
+        "pairs": _gram._gram_pairs,
+        "dot": _gram._gram_dot,
+        "chunked pairs": _chunked(_gram._gram_pairs, _gram._CHUNK),
+        "chunked dot": _chunked(_gram._gram_dot, _gram._CHUNK),
     }
     rng = np.random.default_rng(100 + t)
     for n in KERNEL_SIZES:
         x = (rng.standard_normal((t, n)) * rng.uniform(0.1, 10.0, (t, 1))).astype(np.float32)
         got = np.asarray(jax.jit(fn[kernel], static_argnums=1)(jnp.asarray(x), jnp.float32))
-        f = x.astype(np.float64)
-        want = f @ f.T
         assert got.shape == (t, t) and got.dtype == np.float32
-        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6 * np.abs(want).max())
+        assert_gram_close(got, x)
         np.testing.assert_array_equal(got, got.T)
 
 
@@ -95,20 +82,18 @@ def test_each_kernel_matches_float64(kernel: str, t: int) -> None:
 def test_core_picks_a_kernel_for_every_size(t: int) -> None:
     """leaf_gram on leaves below and above the size thresholds, bf16 and float32."""
     rng = np.random.default_rng(t)
-    for shape in [(40,), (300, 250), (_core._PAIR_MIN_N + 3,)]:
+    for shape in [(40,), (300, 250), (_gram._PAIR_MIN_N + 3,)]:
         for dtype in (jnp.float32, jnp.bfloat16):
             x = jnp.asarray(rng.standard_normal((t, *shape)), dtype)
-            got = np.asarray(jax.jit(_core.leaf_gram)(x), np.float64)
-            f = np.asarray(x.astype(jnp.float32), np.float64).reshape(t, -1)
-            want = f @ f.T
-            np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6 * np.abs(want).max())
+            got = np.asarray(jax.jit(_gram.leaf_gram)(x), np.float64)
+            assert_gram_close(got, x.astype(jnp.float32))
 
 
 def test_bf16_pairs_accumulate_in_float32() -> None:
     # 2^16 copies of 1 + 2^-7 (exact in bf16): a bf16 accumulator would stall at 256.
     x = jnp.full((2, 1 << 16), 1 + 2.0**-7, jnp.bfloat16)
-    got = np.asarray(_core._gram_pairs(x, jnp.float32))
-    np.testing.assert_allclose(got, np.full((2, 2), (1 << 16) * (1 + 2.0**-7) ** 2), rtol=1e-6)
+    got = np.asarray(_gram._gram_pairs(x, jnp.float32))
+    assert_gram_close(got, x.astype(jnp.float32))
 
 
 @pytest.mark.parametrize("t", [2, 8, 16])
@@ -132,6 +117,4 @@ def test_gramian_of_gradients_made_in_the_same_jit(t: int) -> None:
         return _core.gramian([g], t), g
 
     got, g = gram(w, ys)
-    f = np.asarray(g, np.float64).reshape(t, -1)
-    want = f @ f.T
-    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-6, atol=1e-6 * np.abs(want).max())
+    assert_gram_close(got, g)

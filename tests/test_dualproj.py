@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import optax_balance as ob
-from optax_balance import _qp
+from optax_balance._solvers import _qp
 from tests import checks
 from tests import qp_reference as ref
 

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import optax_balance as ob
-from optax_balance import _gradnorm
+from optax_balance._norm import _gradnorm
 
 
 class NumpyAdam:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import optax_balance as ob
-from optax_balance import _nash_mtl
+from optax_balance._gramian import _nash_mtl
 from tests import checks
 from tests import qp_reference as ref
 

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import optax_balance as ob
-from optax_balance._pcgrad import pcgrad_coefficients, task_orders
+from optax_balance._gramian._pcgrad import pcgrad_coefficients, task_orders
 
 J_GOLDEN = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
 

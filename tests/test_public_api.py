@@ -7,7 +7,8 @@ import pytest
 import optax_balance as ob
 
 FUNCTIONS = [n for n in ob.__all__ if callable(getattr(ob, n)) and not n[0].isupper()]
-STATES = [n for n in ob.__all__ if n[0].isupper()]
+STATES = [n for n in ob.__all__ if n.endswith("State")]
+WEIGHTINGS = list(ob.weightings.__all__)
 
 
 def test_all_is_sorted_and_complete():
@@ -30,6 +31,33 @@ def test_methods_and_helpers_cite_references(name):
         "value_and_task_grads",
         "value_and_balanced_grad",
     )
+
+
+def test_weightings_namespace_is_sorted_and_complete():
+    assert list(ob.weightings.__all__) == sorted(ob.weightings.__all__)
+    # every method factory whose math is a weighting has one, under the same name
+    methods = [n for n in FUNCTIONS if n not in ("balance", "task_weights") and "value" not in n]
+    assert set(methods) <= set(WEIGHTINGS), set(methods) - set(WEIGHTINGS)
+
+
+@pytest.mark.parametrize("name", WEIGHTINGS)
+def test_weighting_docstrings_and_hyperparameters(name):
+    fn = getattr(ob.weightings, name)
+    doc = inspect.getdoc(fn) or ""
+    summary = doc.split("\n", 1)[0]
+    assert summary.endswith(".") and len(summary) < 100, summary
+    for section in ("Returns:", "Examples:", ">>>", "References:"):
+        assert section in doc, f"weightings.{name}: no {section!r} in its docstring"
+    params = inspect.signature(fn).parameters
+    assert not params or "Args:" in doc
+    # the same hyperparameters, names and defaults, as the transformation (if there is one)
+    if hasattr(ob, name):
+        full = inspect.signature(getattr(ob, name)).parameters
+        for p, par in params.items():
+            assert p in full, (name, p)
+            assert full[p].default == par.default, (name, p)
+        core = {"shared", "axis_name", "sync", "num_tasks"}
+        assert set(full) - core <= set(params), (name, set(full) - core - set(params))
 
 
 @pytest.mark.parametrize("name", STATES)

@@ -47,3 +47,19 @@ def test_readme_representation_section_runs_verbatim(capsys):
     )
     vals, grads, _ = namespace["grad_fn"](params, state, x, y)
     assert vals.shape == (2,) and grads["heads"].shape == (2, 32)
+
+
+def test_readme_write_your_own_method_runs_verbatim(capsys):
+    (block,) = _section_blocks("Write your own method")
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
+    assert "task weights" in capsys.readouterr().out
+    ob = namespace["ob"]
+    w = np.asarray(ob.task_weights(namespace["opt_state"]))
+    inv = 1.0 / np.array([5.0, 0.5])
+    np.testing.assert_allclose(w, inv / inv.sum(), rtol=1e-6)
+    # The combined gradient is w @ J, and the weighting runs on a Gramian as well.
+    j = np.array([[3.0, 4.0], [0.0, 0.5]])
+    np.testing.assert_allclose(np.asarray(namespace["updates"]["w"]), -0.1 * (w @ j), rtol=1e-6)
+    weights, _ = namespace["inverse_norm"]()(j @ j.T)
+    np.testing.assert_allclose(np.asarray(weights), w, rtol=1e-6)

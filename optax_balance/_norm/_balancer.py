@@ -43,6 +43,89 @@ def _weights_vector(weights: Sequence[float] | Mapping[Any, float]) -> np.ndarra
     return w
 
 
+def balancer_weighting(
+    weights: Sequence[float] | Mapping[Any, float],
+    *,
+    balance_grads: bool = True,
+    total_norm: float = 1.0,
+    ema_decay: float = 0.999,
+    per_batch_item: bool = False,
+    epsilon: float = 1e-12,
+) -> _core.Weighting:
+    r"""The EnCodec balancer's weighting: fixed shares of the norm, over EMA norms.
+
+    :math:`w_i = \text{total\_norm}\; (u_i / \sum_j u_j) / (\epsilon + \bar n_i)` with
+    :math:`\bar n_i` the bias-corrected EMA of task :math:`i`'s gradient norm (see
+    :func:`optax_balance.balancer`). Reads the squared norms (per batch item with
+    ``per_batch_item``).
+
+    Args:
+      weights: the per-task weights :math:`u_i \ge 0`, a sequence or a mapping.
+      balance_grads: normalise by the EMA norms (True) or just weight (False).
+      total_norm: the norm of the balanced gradient when all tasks agree in direction.
+      ema_decay: :math:`\beta \in [0, 1]`.
+      per_batch_item: the norms are means of per-item norms (axis 1 is a batch axis).
+      epsilon: added to the EMA norm before dividing.
+
+    Returns:
+      An :class:`optax_balance.Weighting` of the squared norms; its state is
+      :class:`optax_balance.BalancerState`.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax_balance as ob
+      >>> w = ob.weightings.balancer([1.0, 3.0])
+      >>> weights, state = w(ob.Stats(sq_norms=jnp.array([25.0, 0.25])))
+      >>> weights                                       # [0.25 / 5, 0.75 / 0.5]
+      Array([0.05, 1.5 ], dtype=float32)
+
+    References:
+      Défossez et al., `High Fidelity Neural Audio Compression
+      <https://arxiv.org/abs/2210.13438>`_, 2022 (Sec. 3.4, the loss balancer).
+    """
+    w = _weights_vector(weights)
+    _core.check_range("total_norm", total_norm, low=0.0, low_inclusive=False)
+    _core.check_range("ema_decay", ema_decay, low=0.0, high=1.0)
+    _core.check_range("epsilon", epsilon, low=0.0)
+
+    def init(t: int) -> BalancerState:
+        dt = _core.stat_dtype()
+        start = w if not balance_grads else total_norm * w / w.sum()
+        return BalancerState(
+            weights=jnp.asarray(start, dt) if t else jnp.zeros((0,), dt),
+            ratios=jnp.full((t,), 1.0 / t, dt),
+            ema_total=jnp.zeros((t,), dt),
+            ema_fix=jnp.zeros((), dt),
+        )
+
+    def weigh(stats: _core.Stats, state: BalancerState) -> tuple[jax.Array, BalancerState]:
+        if per_batch_item:
+            assert stats.item_sq_norms is not None
+            norms = jnp.mean(jnp.sqrt(stats.item_sq_norms), axis=1)
+        else:
+            assert stats.sq_norms is not None
+            norms = jnp.sqrt(stats.sq_norms)
+        total = ema_decay * state.ema_total + norms
+        fix = ema_decay * state.ema_fix + 1.0
+        avg = total / fix
+        ratios = avg / jnp.where(jnp.sum(avg) > 0, jnp.sum(avg), 1.0)
+        wv = jnp.asarray(w, norms.dtype)
+        if balance_grads:
+            den = epsilon + avg  # 0 only when epsilon = 0 and the task's norms were all 0
+            pos = den > 0
+            scale = jnp.where(pos, total_norm * (wv / jnp.sum(wv)) / jnp.where(pos, den, 1.0), 0.0)
+        else:
+            scale = wv
+        return scale, BalancerState(weights=scale, ratios=ratios, ema_total=total, ema_fix=fix)
+
+    return _core.Weighting(
+        init,
+        weigh,
+        needs=("item_sq_norms",) if per_batch_item else ("sq_norms",),
+        name="balancer",
+        num_tasks=len(w),
+    )
+
+
 def balancer(
     weights: Sequence[float] | Mapping[Any, float],
     *,
@@ -121,52 +204,16 @@ def balancer(
       <https://arxiv.org/abs/2210.13438>`_, 2022 (Sec. 3.4, the loss balancer);
       ``audiocraft/losses/balancer.py``.
     """
-    w = _weights_vector(weights)
-    _core.check_range("total_norm", total_norm, low=0.0, low_inclusive=False)
-    _core.check_range("ema_decay", ema_decay, low=0.0, high=1.0)
-    _core.check_range("epsilon", epsilon, low=0.0)
-    t_cfg = len(w)
-
-    def init_state(t: int, params: Any) -> BalancerState:
-        del params
-        dt = _core.stat_dtype()
-        start = w if not balance_grads else total_norm * w / w.sum()
-        return BalancerState(
-            weights=jnp.asarray(start, dt) if t else jnp.zeros((0,), dt),
-            ratios=jnp.full((t,), 1.0 / t, dt),
-            ema_total=jnp.zeros((t,), dt),
-            ema_fix=jnp.zeros((), dt),
-        )
-
-    def weigh(stats: _core.Stats, state: BalancerState) -> tuple[jax.Array, BalancerState]:
-        if per_batch_item:
-            assert stats.item_sq_norms is not None
-            norms = jnp.mean(jnp.sqrt(stats.item_sq_norms), axis=1)
-        else:
-            assert stats.sq_norms is not None
-            norms = jnp.sqrt(stats.sq_norms)
-        total = ema_decay * state.ema_total + norms
-        fix = ema_decay * state.ema_fix + 1.0
-        avg = total / fix
-        ratios = avg / jnp.where(jnp.sum(avg) > 0, jnp.sum(avg), 1.0)
-        wv = jnp.asarray(w, norms.dtype)
-        if balance_grads:
-            den = epsilon + avg  # 0 only when epsilon = 0 and the task's norms were all 0
-            pos = den > 0
-            scale = jnp.where(pos, total_norm * (wv / jnp.sum(wv)) / jnp.where(pos, den, 1.0), 0.0)
-        else:
-            scale = wv
-        return scale, BalancerState(weights=scale, ratios=ratios, ema_total=total, ema_fix=fix)
-
-    return _core.balancing_transform(
-        method="balancer",
-        init_state=init_state,
-        weigh=weigh,
-        stat="item_sq_norms" if per_batch_item else "sq_norms",
-        losses="unused",
-        num_tasks=t_cfg,
+    return _core.balance(
+        balancer_weighting(
+            weights,
+            balance_grads=balance_grads,
+            total_norm=total_norm,
+            ema_decay=ema_decay,
+            per_batch_item=per_batch_item,
+            epsilon=epsilon,
+        ),
         shared=shared,
         axis_name=axis_name,
         sync=sync,
-        stats_sync_only=per_batch_item,
     )

@@ -69,6 +69,94 @@ def _renormalise(w: jax.Array) -> jax.Array:
     return jnp.where(pos, t * w / jnp.where(pos, s, 1.0), jnp.ones_like(w))
 
 
+def gradnorm_weighting(
+    num_tasks: int,
+    *,
+    alpha: float = 1.5,
+    weight_optimizer: optax.GradientTransformation | None = None,
+    norm_mask: _core.SharedMask = None,
+) -> _core.Weighting:
+    r"""GradNorm's weighting: learned weights, stepped to balance the tasks' training rates.
+
+    The weights applied are :math:`w(t)`; each call steps them on the GradNorm loss
+    :math:`\sum_i |w_i\|g_i\| - \mathrm{sg}(\bar G r_i^\alpha)|` with
+    ``weight_optimizer`` (see :func:`optax_balance.gradnorm`). Reads the squared norms
+    over the ``norm_mask`` leaves and the losses.
+
+    Args:
+      num_tasks: T.
+      alpha: :math:`\alpha \ge 0`, the asymmetry.
+      weight_optimizer: an optax transformation for the weights (default
+        ``optax.adam(1e-2)``).
+      norm_mask: which shared leaves the norms are taken over (``None``: all).
+
+    Returns:
+      An :class:`optax_balance.Weighting` of the squared norms and losses; its state is
+      :class:`optax_balance.GradNormState`.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, optax_balance as ob
+      >>> w = ob.weightings.gradnorm(2, weight_optimizer=optax.sgd(0.1))
+      >>> stats = ob.Stats(sq_norms=jnp.array([25.0, 1.0]), losses=jnp.array([1.0, 1.0]))
+      >>> weights, state = w(stats)
+      >>> weights, state.weights                   # w(0), then [1 - 0.5, 1 + 0.1] * 2 / 1.6
+      (Array([1., 1.], dtype=float32), Array([0.625, 1.375], dtype=float32))
+
+    References:
+      Chen, Badrinarayanan, Lee & Rabinovich, `GradNorm: Gradient Normalization for
+      Adaptive Loss Balancing in Deep Multitask Networks
+      <https://arxiv.org/abs/1711.02257>`_, ICML 2018 (Algorithm 1).
+    """
+    t_cfg = _core.check_num_tasks(num_tasks, required=True)
+    assert t_cfg is not None
+    _core.check_range("alpha", alpha, low=0.0)
+    wopt = optax.adam(1e-2) if weight_optimizer is None else weight_optimizer
+    if not (hasattr(wopt, "init") and hasattr(wopt, "update")):
+        raise ValueError(
+            "`weight_optimizer` must be an optax GradientTransformation (with `init` and "
+            f"`update`), e.g. optax.adam(1e-2); got {weight_optimizer!r}."
+        )
+
+    def init(t: int) -> GradNormState:
+        dt = _core.stat_dtype()
+        w = jnp.ones((t,), dt)
+        return GradNormState(
+            weights=w,
+            initial_losses=jnp.zeros((t,), dt),
+            has_initial_loss=jnp.zeros((t,), bool),
+            weight_opt_state=wopt.init(w),
+        )
+
+    def weigh(stats: _core.Stats, state: GradNormState) -> tuple[jax.Array, GradNormState]:
+        assert stats.sq_norms is not None and stats.losses is not None
+        losses = stats.losses
+        norms = _core.safe_sqrt(stats.sq_norms)
+        record = jnp.logical_not(state.has_initial_loss) & (losses > 0)
+        initial = jnp.where(record, losses, state.initial_losses)
+        has_initial = state.has_initial_loss | record
+        rates = inverse_training_rates(losses, initial, has_initial)
+        w = state.weights
+        grad_w = jax.grad(gradnorm_loss)(w, norms, rates, alpha)
+        upd, opt_state = wopt.update(grad_w, state.weight_opt_state, w)
+        w_next = _renormalise(jnp.asarray(optax.apply_updates(w, upd), w.dtype))
+        return w, GradNormState(
+            weights=w_next,
+            initial_losses=initial,
+            has_initial_loss=has_initial,
+            weight_opt_state=opt_state,
+        )
+
+    return _core.Weighting(
+        init,
+        weigh,
+        needs=("sq_norms", "losses"),
+        name="gradnorm",
+        num_tasks=t_cfg,
+        stat_mask=norm_mask,
+        stat_mask_name="norm_mask",
+    )
+
+
 def gradnorm(
     num_tasks: int,
     *,
@@ -169,56 +257,12 @@ def gradnorm(
       Adaptive Loss Balancing in Deep Multitask Networks
       <https://arxiv.org/abs/1711.02257>`_, ICML 2018 (Algorithm 1).
     """
-    t_cfg = _core.check_num_tasks(num_tasks, required=True)
-    assert t_cfg is not None
-    _core.check_range("alpha", alpha, low=0.0)
-    wopt = optax.adam(1e-2) if weight_optimizer is None else weight_optimizer
-    if not (hasattr(wopt, "init") and hasattr(wopt, "update")):
-        raise ValueError(
-            "`weight_optimizer` must be an optax GradientTransformation (with `init` and "
-            f"`update`), e.g. optax.adam(1e-2); got {weight_optimizer!r}."
-        )
-
-    def init_state(t: int, params: Any) -> GradNormState:
-        del params
-        dt = _core.stat_dtype()
-        w = jnp.ones((t,), dt)
-        return GradNormState(
-            weights=w,
-            initial_losses=jnp.zeros((t,), dt),
-            has_initial_loss=jnp.zeros((t,), bool),
-            weight_opt_state=wopt.init(w),
-        )
-
-    def weigh(stats: _core.Stats, state: GradNormState) -> tuple[jax.Array, GradNormState]:
-        assert stats.sq_norms is not None and stats.losses is not None
-        losses = stats.losses
-        norms = _core.safe_sqrt(stats.sq_norms)
-        record = jnp.logical_not(state.has_initial_loss) & (losses > 0)
-        initial = jnp.where(record, losses, state.initial_losses)
-        has_initial = state.has_initial_loss | record
-        rates = inverse_training_rates(losses, initial, has_initial)
-        w = state.weights
-        grad_w = jax.grad(gradnorm_loss)(w, norms, rates, alpha)
-        upd, opt_state = wopt.update(grad_w, state.weight_opt_state, w)
-        w_next = _renormalise(jnp.asarray(optax.apply_updates(w, upd), w.dtype))
-        return w, GradNormState(
-            weights=w_next,
-            initial_losses=initial,
-            has_initial_loss=has_initial,
-            weight_opt_state=opt_state,
-        )
-
-    return _core.balancing_transform(
-        method="gradnorm",
-        init_state=init_state,
-        weigh=weigh,
-        stat="sq_norms",
-        losses="required",
-        num_tasks=t_cfg,
+    return _core.balance(
+        gradnorm_weighting(
+            num_tasks, alpha=alpha, weight_optimizer=weight_optimizer, norm_mask=norm_mask
+        ),
         shared=shared,
         axis_name=axis_name,
         sync=sync,
-        stat_mask=norm_mask,
-        stat_mask_name="norm_mask",
+        num_tasks=num_tasks,
     )

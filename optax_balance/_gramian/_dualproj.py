@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_balance import _core, _qp
+from optax_balance import _core
+from optax_balance._solvers import _qp
 
 
 class DualProjState(NamedTuple):
@@ -21,6 +22,63 @@ class DualProjState(NamedTuple):
 
     weights: jax.Array
     iterations: jax.Array
+
+
+def dualproj_weighting(
+    *,
+    pref_vector: Any = None,
+    norm_eps: float = 1e-4,
+    reg_eps: float = 1e-4,
+) -> _core.Weighting:
+    r"""DualProj's weighting: the weights of the mean projected onto the dual cone.
+
+    :math:`w = \arg\min_{v \ge u} v^\top \tilde G v` on the trace-normalised, regularised
+    Gramian (see :func:`optax_balance.dualproj`).
+
+    Args:
+      pref_vector: ``(T,)`` weights :math:`u` of the combination to project; ``None``
+        means :math:`1/T` each. Giving it fixes T.
+      norm_eps: the Gramian is treated as zero when its trace is below this (absolute).
+      reg_eps: ridge added to the trace-normalised Gramian.
+
+    Returns:
+      An :class:`optax_balance.Weighting` of the Gramian; its state is
+      :class:`optax_balance.DualProjState`.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax_balance as ob
+      >>> J = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+      >>> weights, state = ob.weightings.dualproj()(J @ J.T)
+      >>> weights.round(4)
+      Array([0.6109, 0.5   ], dtype=float32)
+
+    References:
+      Quinton & Rey, `Jacobian Descent for Multi-Objective Optimization
+      <https://arxiv.org/abs/2406.16232>`_, 2024.
+    """
+    _core.check_range("norm_eps", norm_eps, low=0.0)
+    _core.check_range("reg_eps", reg_eps, low=0.0)
+    pref, t_cfg = _core.check_task_vector("pref_vector", pref_vector)
+
+    def init(t: int) -> DualProjState:
+        w = jnp.full((t,), 1.0 / max(t, 1), _core.stat_dtype())
+        return DualProjState(weights=w, iterations=jnp.zeros((), jnp.int32))
+
+    def weigh(stats: _core.Stats, state: DualProjState) -> tuple[jax.Array, DualProjState]:
+        assert stats.gram is not None
+        t = stats.num_tasks
+        gram = _qp.regularize(_qp.normalize(stats.gram, norm_eps), reg_eps)
+        u = _qp.pref_weights(pref, t, gram.dtype)
+        sol = _qp.project_to_dual_cone(u, gram, max_iters=_qp.default_max_iters(t))
+        return sol.z, DualProjState(weights=sol.z, iterations=sol.iterations)
+
+    return _core.Weighting(
+        init,
+        weigh,
+        needs=("gram",),
+        name="dualproj",
+        num_tasks=t_cfg,
+    )
 
 
 def dualproj(
@@ -88,32 +146,10 @@ def dualproj(
       Lopez-Paz & Ranzato, `Gradient Episodic Memory for Continual Learning
       <https://arxiv.org/abs/1706.08840>`_, NeurIPS 2017.
     """
-    _core.check_range("norm_eps", norm_eps, low=0.0)
-    _core.check_range("reg_eps", reg_eps, low=0.0)
-    t_cfg = _core.check_num_tasks(num_tasks)
-    pref, t_cfg = _core.check_task_vector("pref_vector", pref_vector, t_cfg)
-
-    def init_state(t: int, params: Any) -> DualProjState:
-        del params
-        w = jnp.full((t,), 1.0 / max(t, 1), _core.stat_dtype())
-        return DualProjState(weights=w, iterations=jnp.zeros((), jnp.int32))
-
-    def weigh(stats: _core.Stats, state: DualProjState) -> tuple[jax.Array, DualProjState]:
-        assert stats.gram is not None
-        t = stats.num_tasks
-        gram = _qp.regularize(_qp.normalize(stats.gram, norm_eps), reg_eps)
-        u = _qp.pref_weights(pref, t, gram.dtype)
-        sol = _qp.project_to_dual_cone(u, gram, max_iters=_qp.default_max_iters(t))
-        return sol.z, DualProjState(weights=sol.z, iterations=sol.iterations)
-
-    return _core.balancing_transform(
-        method="dualproj",
-        init_state=init_state,
-        weigh=weigh,
-        stat="gram",
-        losses="unused",
-        num_tasks=t_cfg,
+    return _core.balance(
+        dualproj_weighting(pref_vector=pref_vector, norm_eps=norm_eps, reg_eps=reg_eps),
         shared=shared,
         axis_name=axis_name,
         sync=sync,
+        num_tasks=num_tasks,
     )

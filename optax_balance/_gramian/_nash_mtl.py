@@ -85,6 +85,99 @@ def solve_bargaining(
     return jax.lax.while_loop(cond, body, (b0, jnp.array(0, jnp.int32)))
 
 
+def nash_mtl_weighting(
+    num_tasks: int,
+    *,
+    max_norm: float = 1.0,
+    update_weights_every: int = 1,
+    optim_niter: int = 20,
+) -> _core.Weighting:
+    r"""Nash-MTL's weighting: the Nash bargaining solution of the Gramian, norm-clipped.
+
+    :math:`\alpha \odot G\alpha = 1` (see :func:`optax_balance.nash_mtl`).
+
+    Args:
+      num_tasks: T (the warm start lives in the state).
+      max_norm: the combined gradient's norm is clipped to this (0: no clipping).
+      update_weights_every: solve every this many updates, reuse the weights between.
+      optim_niter: maximum Newton steps per solve.
+
+    Returns:
+      An :class:`optax_balance.Weighting` of the Gramian; its state is
+      :class:`optax_balance.NashMTLState`.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax_balance as ob
+      >>> J = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+      >>> weights, state = ob.weightings.nash_mtl(2, max_norm=0.0)(J @ J.T)
+      >>> (weights * (J @ J.T @ weights)).round(4)   # the bargaining solution: a * G a = 1
+      Array([1., 1.], dtype=float32)
+
+    References:
+      Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya, `Multi-Task
+      Learning as a Bargaining Game <https://arxiv.org/abs/2202.01017>`_, ICML 2022.
+    """
+    t_cfg = _core.check_num_tasks(num_tasks, required=True)
+    _core.check_range("max_norm", max_norm, low=0.0)
+    for name, value in (
+        ("update_weights_every", update_weights_every),
+        ("optim_niter", optim_niter),
+    ):
+        _core.check_range(name, value, low=1)
+        if _core.is_concrete(value) and float(value) != int(value):
+            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+
+    def init(t: int) -> NashMTLState:
+        dtype = _core.stat_dtype()
+        zero = jnp.zeros((), jnp.int32)
+        return NashMTLState(
+            weights=jnp.ones((t,), dtype),
+            alpha=jnp.ones((t,), dtype),
+            beta=jnp.ones((t,), dtype),
+            step=zero,
+            iterations=zero,
+        )
+
+    def weigh(stats: _core.Stats, state: NashMTLState) -> tuple[jax.Array, NashMTLState]:
+        assert stats.gram is not None
+        gram = stats.gram
+        dtype = gram.dtype
+        big = jnp.max(jnp.abs(gram))  # ||G||_F without overflow at gradient scale 1e10
+        safe_big = jnp.where(big > 0, big, 1.0)
+        fro = safe_big * jnp.sqrt(jnp.sum((gram / safe_big) ** 2))
+        positive = fro > jnp.finfo(dtype).tiny
+
+        def solve(_):
+            g_n = gram / jnp.where(positive, fro, 1.0)
+            beta, its = solve_bargaining(g_n, state.beta, max_iters=optim_niter, tol=_TOL)
+            alpha = jnp.where(positive, beta / jnp.sqrt(jnp.where(positive, fro, 1.0)), 0.0)
+            # Without a solution (see above) beta runs off; keep the old warm start then.
+            solved = jnp.max(jnp.abs(beta * (g_n @ beta) - 1.0)) <= _TOL
+            return alpha, jnp.where(solved, beta, state.beta), its
+
+        def reuse(_):
+            return state.alpha, state.beta, jnp.zeros((), jnp.int32)
+
+        alpha, beta, its = jax.lax.cond(
+            state.step % update_weights_every == 0, solve, reuse, operand=None
+        )
+        norm = jnp.sqrt(jnp.maximum(alpha @ gram @ alpha, 0.0))
+        clip = (max_norm > 0) & (norm > max_norm)
+        w = jnp.where(clip, alpha * (max_norm / jnp.where(clip, norm, 1.0)), alpha)
+        new_state = NashMTLState(
+            weights=w, alpha=alpha, beta=beta, step=state.step + 1, iterations=its
+        )
+        return w, new_state
+
+    return _core.Weighting(
+        init,
+        weigh,
+        needs=("gram",),
+        name="nash_mtl",
+        num_tasks=t_cfg,
+    )
+
+
 def nash_mtl(
     num_tasks: int,
     *,
@@ -166,67 +259,15 @@ def nash_mtl(
       Nesterov & Nemirovski, *Interior-Point Polynomial Algorithms in Convex
       Programming*, SIAM 1994 (damped Newton on self-concordant functions).
     """
-    t_cfg = _core.check_num_tasks(num_tasks, required=True)
-    _core.check_range("max_norm", max_norm, low=0.0)
-    for name, value in (
-        ("update_weights_every", update_weights_every),
-        ("optim_niter", optim_niter),
-    ):
-        _core.check_range(name, value, low=1)
-        if _core.is_concrete(value) and float(value) != int(value):
-            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
-
-    def init_state(t: int, params: Any) -> NashMTLState:
-        del params
-        dtype = _core.stat_dtype()
-        zero = jnp.zeros((), jnp.int32)
-        return NashMTLState(
-            weights=jnp.ones((t,), dtype),
-            alpha=jnp.ones((t,), dtype),
-            beta=jnp.ones((t,), dtype),
-            step=zero,
-            iterations=zero,
-        )
-
-    def weigh(stats: _core.Stats, state: NashMTLState) -> tuple[jax.Array, NashMTLState]:
-        assert stats.gram is not None
-        gram = stats.gram
-        dtype = gram.dtype
-        big = jnp.max(jnp.abs(gram))  # ||G||_F without overflow at gradient scale 1e10
-        safe_big = jnp.where(big > 0, big, 1.0)
-        fro = safe_big * jnp.sqrt(jnp.sum((gram / safe_big) ** 2))
-        positive = fro > jnp.finfo(dtype).tiny
-
-        def solve(_):
-            g_n = gram / jnp.where(positive, fro, 1.0)
-            beta, its = solve_bargaining(g_n, state.beta, max_iters=optim_niter, tol=_TOL)
-            alpha = jnp.where(positive, beta / jnp.sqrt(jnp.where(positive, fro, 1.0)), 0.0)
-            # Without a solution (see above) beta runs off; keep the old warm start then.
-            solved = jnp.max(jnp.abs(beta * (g_n @ beta) - 1.0)) <= _TOL
-            return alpha, jnp.where(solved, beta, state.beta), its
-
-        def reuse(_):
-            return state.alpha, state.beta, jnp.zeros((), jnp.int32)
-
-        alpha, beta, its = jax.lax.cond(
-            state.step % update_weights_every == 0, solve, reuse, operand=None
-        )
-        norm = jnp.sqrt(jnp.maximum(alpha @ gram @ alpha, 0.0))
-        clip = (max_norm > 0) & (norm > max_norm)
-        w = jnp.where(clip, alpha * (max_norm / jnp.where(clip, norm, 1.0)), alpha)
-        new_state = NashMTLState(
-            weights=w, alpha=alpha, beta=beta, step=state.step + 1, iterations=its
-        )
-        return w, new_state
-
-    return _core.balancing_transform(
-        method="nash_mtl",
-        init_state=init_state,
-        weigh=weigh,
-        stat="gram",
-        losses="unused",
-        num_tasks=t_cfg,
+    return _core.balance(
+        nash_mtl_weighting(
+            num_tasks,
+            max_norm=max_norm,
+            update_weights_every=update_weights_every,
+            optim_niter=optim_niter,
+        ),
         shared=shared,
         axis_name=axis_name,
         sync=sync,
+        num_tasks=num_tasks,
     )

@@ -63,6 +63,45 @@ def imtl_g_weights(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
     return w.astype(dt), jnp.sum(keep).astype(jnp.int32)
 
 
+def imtl_g_weighting() -> _core.Weighting:
+    r"""IMTL-G's weighting: equal projections on every task's unit gradient, from the Gramian.
+
+    See :func:`optax_balance.imtl_g` for the closed form and its rank-deficient case.
+
+    Returns:
+      An :class:`optax_balance.Weighting` of the Gramian; its state is
+      :class:`optax_balance.IMTLGState`.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax_balance as ob
+      >>> J = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+      >>> weights, state = ob.weightings.imtl_g()(J @ J.T)
+      >>> weights.round(4)
+      Array([0.5923, 0.4077], dtype=float32)
+
+    References:
+      Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, `Towards Impartial Multi-task
+      Learning <https://openreview.net/forum?id=IMPnRXEWpvr>`_, ICLR 2021.
+    """
+
+    def init(t: int) -> IMTLGState:
+        w = jnp.full((t,), 1.0 / max(t, 1), _core.stat_dtype())
+        return IMTLGState(weights=w, rank=jnp.zeros((), jnp.int32))
+
+    def weigh(stats: _core.Stats, state: IMTLGState) -> tuple[jax.Array, IMTLGState]:
+        del state
+        assert stats.gram is not None
+        w, rank = imtl_g_weights(stats.gram)
+        return w, IMTLGState(weights=w, rank=rank)
+
+    return _core.Weighting(
+        init,
+        weigh,
+        needs=("gram",),
+        name="imtl_g",
+    )
+
+
 def imtl_g(
     *,
     shared: _core.SharedMask = None,
@@ -141,28 +180,10 @@ def imtl_g(
       Quinton & Rey, `Jacobian Descent for Multi-Objective Optimization
       <https://arxiv.org/abs/2406.16232>`_, 2024 (the pseudo-inverse form).
     """
-    t_cfg = _core.check_num_tasks(num_tasks)
-    _core.check_sync(axis_name, sync)
-
-    def init_state(t: int, params: Any) -> IMTLGState:
-        del params
-        w = jnp.full((t,), 1.0 / max(t, 1), _core.stat_dtype())
-        return IMTLGState(weights=w, rank=jnp.zeros((), jnp.int32))
-
-    def weigh(stats: _core.Stats, state: IMTLGState) -> tuple[jax.Array, IMTLGState]:
-        del state
-        assert stats.gram is not None
-        w, rank = imtl_g_weights(stats.gram)
-        return w, IMTLGState(weights=w, rank=rank)
-
-    return _core.balancing_transform(
-        method="imtl_g",
-        init_state=init_state,
-        weigh=weigh,
-        stat="gram",
-        losses="unused",
-        num_tasks=t_cfg,
+    return _core.balance(
+        imtl_g_weighting(),
         shared=shared,
         axis_name=axis_name,
         sync=sync,
+        num_tasks=num_tasks,
     )

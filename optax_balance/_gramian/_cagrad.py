@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_balance import _core, _qp
+from optax_balance import _core
+from optax_balance._solvers import _qp
 
 # Below this norm of g_w (Gramian normalised to unit trace) the point is taken as
 # Pareto-stationary and the weights are zero, as torchjd does with its norm_eps.
@@ -131,6 +132,77 @@ def _solve_dual(gram: jax.Array, r: jax.Array, u: jax.Array) -> _Dual:
     return _Dual(out["w"], out["n"], out["its"], out["k"])
 
 
+def cagrad_weighting(
+    *,
+    c: float = 0.5,
+    rescale: bool = True,
+) -> _core.Weighting:
+    r"""CAGrad's weighting: the mean plus the worst-task correction, from the Gramian.
+
+    :math:`w = u + \frac{c\|g_0\|}{\|J^\top \lambda^\star\|}\lambda^\star` (divided by
+    :math:`1 + c^2` when ``rescale``), :math:`\lambda^\star` the dual solution on the
+    simplex (see :func:`optax_balance.cagrad`).
+
+    Args:
+      c: :math:`c \ge 0`, the radius of the ball around the mean gradient, relative to
+        its norm.
+      rescale: divide the weights by :math:`1 + c^2`.
+
+    Returns:
+      An :class:`optax_balance.Weighting` of the Gramian; its state is
+      :class:`optax_balance.CAGradState`.
+
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np, optax_balance as ob
+      >>> J = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+      >>> weights, state = ob.weightings.cagrad(c=0.5)(J @ J.T)
+      >>> print(np.asarray(weights).round(4))
+      [0.5633 0.4   ]
+
+    References:
+      Liu, Liu, Jin, Stone & Liu, `Conflict-Averse Gradient Descent for Multi-task
+      Learning <https://arxiv.org/abs/2110.14048>`_, NeurIPS 2021.
+    """
+    _core.check_range("c", c, low=0.0)
+    if not isinstance(rescale, bool):
+        raise ValueError(f"`rescale` must be a bool, got {rescale!r}.")
+
+    def init(t: int) -> CAGradState:
+        w = jnp.full((t,), 1.0 / max(t, 1), _core.stat_dtype())
+        zero = jnp.zeros((), jnp.int32)
+        return CAGradState(weights=w, iterations=zero, root_iterations=zero)
+
+    def weigh(stats: _core.Stats, state: CAGradState) -> tuple[jax.Array, CAGradState]:
+        assert stats.gram is not None
+        t = stats.num_tasks
+        dtype = stats.gram.dtype
+        gram = _qp.normalize(stats.gram, float(jnp.finfo(dtype).tiny))
+        u = jnp.full((t,), 1.0 / t, dtype)
+        r = c * jnp.sqrt(jnp.maximum(u @ gram @ u, 0.0))
+        active = r > 1e-6  # otherwise d = g0 (also the zero Jacobian)
+        dual = _solve_dual(gram, jnp.where(active, r, 1.0), u)
+        stationary = dual.gw_norm < _STATIONARY_EPS
+        scale = r / jnp.where(stationary, 1.0, dual.gw_norm)
+        w = jnp.where(stationary, jnp.zeros_like(u), u + scale * dual.w)
+        w = jnp.where(active, w, u)
+        if rescale:
+            w = w / (1.0 + c**2)
+        zero = jnp.zeros((), jnp.int32)
+        new_state = CAGradState(
+            weights=w,
+            iterations=jnp.where(active, dual.iterations, zero),
+            root_iterations=jnp.where(active, dual.root_iterations, zero),
+        )
+        return w, new_state
+
+    return _core.Weighting(
+        init,
+        weigh,
+        needs=("gram",),
+        name="cagrad",
+    )
+
+
 def cagrad(
     *,
     c: float = 0.5,
@@ -208,48 +280,10 @@ def cagrad(
       Liu, Liu, Jin, Stone & Liu, `Conflict-Averse Gradient Descent for Multi-task
       Learning <https://arxiv.org/abs/2110.14048>`_, NeurIPS 2021.
     """
-    _core.check_range("c", c, low=0.0)
-    if not isinstance(rescale, bool):
-        raise ValueError(f"`rescale` must be a bool, got {rescale!r}.")
-    t_cfg = _core.check_num_tasks(num_tasks)
-
-    def init_state(t: int, params: Any) -> CAGradState:
-        del params
-        w = jnp.full((t,), 1.0 / max(t, 1), _core.stat_dtype())
-        zero = jnp.zeros((), jnp.int32)
-        return CAGradState(weights=w, iterations=zero, root_iterations=zero)
-
-    def weigh(stats: _core.Stats, state: CAGradState) -> tuple[jax.Array, CAGradState]:
-        assert stats.gram is not None
-        t = stats.num_tasks
-        dtype = stats.gram.dtype
-        gram = _qp.normalize(stats.gram, float(jnp.finfo(dtype).tiny))
-        u = jnp.full((t,), 1.0 / t, dtype)
-        r = c * jnp.sqrt(jnp.maximum(u @ gram @ u, 0.0))
-        active = r > 1e-6  # otherwise d = g0 (also the zero Jacobian)
-        dual = _solve_dual(gram, jnp.where(active, r, 1.0), u)
-        stationary = dual.gw_norm < _STATIONARY_EPS
-        scale = r / jnp.where(stationary, 1.0, dual.gw_norm)
-        w = jnp.where(stationary, jnp.zeros_like(u), u + scale * dual.w)
-        w = jnp.where(active, w, u)
-        if rescale:
-            w = w / (1.0 + c**2)
-        zero = jnp.zeros((), jnp.int32)
-        new_state = CAGradState(
-            weights=w,
-            iterations=jnp.where(active, dual.iterations, zero),
-            root_iterations=jnp.where(active, dual.root_iterations, zero),
-        )
-        return w, new_state
-
-    return _core.balancing_transform(
-        method="cagrad",
-        init_state=init_state,
-        weigh=weigh,
-        stat="gram",
-        losses="unused",
-        num_tasks=t_cfg,
+    return _core.balance(
+        cagrad_weighting(c=c, rescale=rescale),
         shared=shared,
         axis_name=axis_name,
         sync=sync,
+        num_tasks=num_tasks,
     )

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from optax_balance import _core
@@ -84,6 +82,94 @@ def effective_weights(leaf_w: Any, leaf_sq: Any, num_tasks: int) -> jax.Array:
     mean_w = sum(ws[1:], ws[0]) / len(ws)
     pos = den > 0
     return jnp.where(pos, _core.safe_sqrt(num / jnp.where(pos, den, 1.0)), mean_w).astype(dt)
+
+
+def metabalance_weighting(
+    *,
+    relax_factor: float = 0.7,
+    beta: float = 0.9,
+    main_task: int = 0,
+    strategy: Strategy = "both",
+    epsilon: float = 1e-12,
+) -> _core.Weighting:
+    r"""MetaBalance's weighting: per-leaf weights from EMA gradient norms.
+
+    On each statistic leaf :math:`l`, :math:`w_{l,i} = r\, m_{l,\text{main}} /
+    (m_{l,i} + \epsilon) + 1 - r` where ``strategy`` applies (see
+    :func:`optax_balance.metabalance`). Its state holds the EMA norms per leaf, so
+    ``init`` takes the statistic leaves: ``init(num_tasks, params)`` with ``None`` at
+    the leaves it does not read.
+
+    Args:
+      relax_factor: :math:`r \in [0, 1)`.
+      beta: :math:`\beta \in [0, 1)`, the moving-average decay.
+      main_task: the index of the main task.
+      strategy: ``"reduce"``, ``"enlarge"`` or ``"both"``.
+      epsilon: added to the auxiliary moving average before dividing.
+
+    Returns:
+      An :class:`optax_balance.Weighting` of the per-leaf squared norms; its state is
+      :class:`optax_balance.MetaBalanceState`.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax_balance as ob
+      >>> w = ob.weightings.metabalance()
+      >>> state = w.init(2, {"a": jnp.zeros(2)})
+      >>> stats = ob.Stats(leaf_sq_norms={"a": jnp.array([25.0, 100.0])})
+      >>> weights, state = w(stats, state)
+      >>> weights["a"].round(4)                     # aux: 0.7 * 0.5 / 1 + 0.3
+      Array([1.  , 0.65], dtype=float32)
+
+    References:
+      He, Feng, Cheng, Ji, Guo & Caverlee, `MetaBalance: Improving Multi-Task
+      Recommendations via Adapting Gradient Magnitudes of Auxiliary Tasks
+      <https://arxiv.org/abs/2203.06801>`_, WWW 2022 (Algorithm 1).
+    """
+    _core.check_range("relax_factor", relax_factor, low=0.0, high=1.0, high_inclusive=False)
+    _core.check_range("beta", beta, low=0.0, high=1.0, high_inclusive=False)
+    _core.check_range("epsilon", epsilon, low=0.0)
+    _core.check_choice("strategy", strategy, _STRATEGIES)
+    main = _core.check_int("main_task", main_task, low=0)
+
+    def init(t: int, params: Any) -> MetaBalanceState:
+        if t and main >= t:
+            raise ValueError(
+                f"`main_task` must be in [0, T) = [0, {t}) for gradients with T={t} tasks, "
+                f"got {main}."
+            )
+        dt = _core.stat_dtype()
+        ema = jax.tree.map(lambda p: jnp.zeros((t,), dt), params)  # None stays None
+        return MetaBalanceState(weights=jnp.ones((t,), dt), ema_norms=ema)
+
+    def weigh(stats: _core.Stats, state: MetaBalanceState) -> tuple[Any, MetaBalanceState]:
+        sq = stats.leaf_sq_norms
+        ema = jax.tree.map(
+            lambda m, s: None if s is None else beta * m + (1.0 - beta) * _core.safe_sqrt(s),
+            state.ema_norms,
+            sq,
+            is_leaf=_is_none,
+        )
+        per_leaf = jax.tree.map(
+            lambda m: (
+                None
+                if m is None
+                else leaf_weights(
+                    m, main_task=main, relax_factor=relax_factor, strategy=strategy, epsilon=epsilon
+                )
+            ),
+            ema,
+            is_leaf=_is_none,
+        )
+        summary = effective_weights(per_leaf, sq, stats.num_tasks)
+        return per_leaf, MetaBalanceState(weights=summary, ema_norms=ema)
+
+    return _core.Weighting(
+        init,
+        weigh,
+        needs=("leaf_sq_norms",),
+        name="metabalance",
+        init_takes_params=True,
+    )
 
 
 def metabalance(
@@ -174,65 +260,21 @@ def metabalance(
       <https://arxiv.org/abs/2203.06801>`_, WWW 2022 (Algorithm 1);
       reference code ``facebookresearch/MetaBalance``.
     """
-    _core.check_range("relax_factor", relax_factor, low=0.0, high=1.0, high_inclusive=False)
-    _core.check_range("beta", beta, low=0.0, high=1.0, high_inclusive=False)
-    _core.check_range("epsilon", epsilon, low=0.0)
-    _core.check_choice("strategy", strategy, _STRATEGIES)
     t_cfg = _core.check_num_tasks(num_tasks)
-    if (
-        not isinstance(main_task, numbers.Integral | np.integer)
-        or isinstance(main_task, bool)
-        or main_task < 0
-    ):
+    if t_cfg is not None and _core.check_int("main_task", main_task, low=0) >= t_cfg:
         raise ValueError(
-            f"`main_task` must be a Python int in [0, T), got {main_task!r} (under "
-            "optax.inject_hyperparams, list it in `static_args`)."
+            f"`main_task` must be in [0, {t_cfg}) for num_tasks={t_cfg}, got {main_task}."
         )
-    main = int(main_task)
-    if t_cfg is not None and main >= t_cfg:
-        raise ValueError(f"`main_task` must be in [0, {t_cfg}) for num_tasks={t_cfg}, got {main}.")
-
-    def init_state(t: int, params: Any) -> MetaBalanceState:
-        if t and main >= t:
-            raise ValueError(
-                f"`main_task` must be in [0, T) = [0, {t}) for gradients with T={t} tasks, "
-                f"got {main}."
-            )
-        dt = _core.stat_dtype()
-        mask = _core.resolve_mask(shared, params, name="shared")
-        ema = jax.tree.map(lambda m: jnp.zeros((t,), dt) if m else None, mask)
-        return MetaBalanceState(weights=jnp.ones((t,), dt), ema_norms=ema)
-
-    def weigh(stats: _core.Stats, state: MetaBalanceState) -> tuple[Any, MetaBalanceState]:
-        sq = stats.leaf_sq_norms
-        ema = jax.tree.map(
-            lambda m, s: None if s is None else beta * m + (1.0 - beta) * _core.safe_sqrt(s),
-            state.ema_norms,
-            sq,
-            is_leaf=_is_none,
-        )
-        per_leaf = jax.tree.map(
-            lambda m: (
-                None
-                if m is None
-                else leaf_weights(
-                    m, main_task=main, relax_factor=relax_factor, strategy=strategy, epsilon=epsilon
-                )
-            ),
-            ema,
-            is_leaf=_is_none,
-        )
-        summary = effective_weights(per_leaf, sq, stats.num_tasks)
-        return per_leaf, MetaBalanceState(weights=summary, ema_norms=ema)
-
-    return _core.balancing_transform(
-        method="metabalance",
-        init_state=init_state,
-        weigh=weigh,
-        stat="leaf_sq_norms",
-        losses="unused",
-        num_tasks=t_cfg,
+    return _core.balance(
+        metabalance_weighting(
+            relax_factor=relax_factor,
+            beta=beta,
+            main_task=main_task,
+            strategy=strategy,
+            epsilon=epsilon,
+        ),
         shared=shared,
         axis_name=axis_name,
         sync=sync,
+        num_tasks=num_tasks,
     )

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_balance import _core
-from optax_balance._simplex import min_norm_simplex
+from optax_balance._solvers._simplex import min_norm_simplex
 
 NormType = Literal["none", "l2", "loss", "loss+"]
 _NORM_TYPES = ("none", "l2", "loss", "loss+")
@@ -41,6 +41,63 @@ def normalisation_scales(
         assert losses is not None
         return _core.safe_inverse(losses * norms)
     return jnp.ones_like(sq_norms)
+
+
+def mgda_weighting(
+    *,
+    norm_type: NormType = "none",
+    epsilon: float = 1e-5,
+    max_iters: int = 250,
+) -> _core.Weighting:
+    r"""MGDA's weighting: the minimum-norm convex weights of the normalised Gramian.
+
+    :math:`\alpha^\star = \arg\min_{\alpha \in \Delta^T} \alpha^\top (S G S) \alpha` with
+    :math:`S = \mathrm{diag}(s)` set by ``norm_type`` (see :func:`optax_balance.mgda`, the
+    transformation, for the normalisations and the solver).
+
+    Args:
+      norm_type: ``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"`` (the last two need the
+        losses).
+      epsilon: Frank-Wolfe stops when the L1 change of the weights is below this.
+      max_iters: maximum Frank-Wolfe iterations.
+
+    Returns:
+      An :class:`optax_balance.Weighting` of the Gramian (and the losses for ``"loss"``,
+      ``"loss+"``); its state is :class:`optax_balance.MGDAState`.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax_balance as ob
+      >>> J = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+      >>> weights, state = ob.weightings.mgda()(J @ J.T)
+      >>> weights.round(4)
+      Array([0.6, 0.4], dtype=float32)
+
+    References:
+      Sener & Koltun, `Multi-Task Learning as Multi-Objective Optimization
+      <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018.
+    """
+    _core.check_choice("norm_type", norm_type, _NORM_TYPES)
+    _core.check_range("epsilon", epsilon, low=0.0)
+    _core.check_range("max_iters", max_iters, low=0)
+
+    def init(t: int) -> MGDAState:
+        w = jnp.full((t,), 1.0 / max(t, 1), _core.stat_dtype())
+        return MGDAState(weights=w, iterations=jnp.zeros((), jnp.int32))
+
+    def weigh(stats: _core.Stats, state: MGDAState) -> tuple[jax.Array, MGDAState]:
+        assert stats.gram is not None and stats.sq_norms is not None
+        s = normalisation_scales(norm_type, stats.sq_norms, stats.losses)
+        g = stats.gram * s[:, None] * s[None, :]
+        sol = min_norm_simplex(g, epsilon=epsilon, max_iters=max_iters)
+        w = sol.weights.astype(_core.stat_dtype())
+        return w, MGDAState(weights=w, iterations=sol.iterations)
+
+    return _core.Weighting(
+        init,
+        weigh,
+        needs=("gram", "losses") if norm_type in ("loss", "loss+") else ("gram",),
+        name="mgda",
+    )
 
 
 def mgda(
@@ -134,32 +191,10 @@ def mgda(
       Lacoste-Julien & Jaggi, `On the Global Linear Convergence of Frank-Wolfe
       Optimization Variants <https://arxiv.org/abs/1511.05932>`_, NeurIPS 2015.
     """
-    _core.check_choice("norm_type", norm_type, _NORM_TYPES)
-    _core.check_range("epsilon", epsilon, low=0.0)
-    _core.check_range("max_iters", max_iters, low=0)
-    t_cfg = _core.check_num_tasks(num_tasks)
-
-    def init_state(t: int, params: Any) -> MGDAState:
-        del params
-        w = jnp.full((t,), 1.0 / max(t, 1), _core.stat_dtype())
-        return MGDAState(weights=w, iterations=jnp.zeros((), jnp.int32))
-
-    def weigh(stats: _core.Stats, state: MGDAState) -> tuple[jax.Array, MGDAState]:
-        assert stats.gram is not None and stats.sq_norms is not None
-        s = normalisation_scales(norm_type, stats.sq_norms, stats.losses)
-        g = stats.gram * s[:, None] * s[None, :]
-        sol = min_norm_simplex(g, epsilon=epsilon, max_iters=max_iters)
-        w = sol.weights.astype(_core.stat_dtype())
-        return w, MGDAState(weights=w, iterations=sol.iterations)
-
-    return _core.balancing_transform(
-        method="mgda",
-        init_state=init_state,
-        weigh=weigh,
-        stat="gram",
-        losses="required" if norm_type in ("loss", "loss+") else "unused",
-        num_tasks=t_cfg,
+    return _core.balance(
+        mgda_weighting(norm_type=norm_type, epsilon=epsilon, max_iters=max_iters),
         shared=shared,
         axis_name=axis_name,
         sync=sync,
+        num_tasks=num_tasks,
     )

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_balance import _core, _qp
+from optax_balance import _core
+from optax_balance._solvers import _qp
 
 
 class UPGradState(NamedTuple):
@@ -23,6 +24,65 @@ class UPGradState(NamedTuple):
 
     weights: jax.Array
     iterations: jax.Array
+
+
+def upgrad_weighting(
+    *,
+    pref_vector: Any = None,
+    norm_eps: float = 1e-4,
+    reg_eps: float = 1e-4,
+) -> _core.Weighting:
+    r"""UPGrad's weighting: the sum of the weights of each task's dual-cone projection.
+
+    :math:`w = \sum_i v^{(i)}`, :math:`v^{(i)} = \arg\min_{v \ge u_i e_i} v^\top \tilde G v`
+    on the trace-normalised, regularised Gramian :math:`\tilde G` (see
+    :func:`optax_balance.upgrad`).
+
+    Args:
+      pref_vector: ``(T,)`` weights :math:`u` of the combination whose terms are
+        projected; ``None`` means :math:`1/T` each. Giving it fixes T.
+      norm_eps: the Gramian is treated as zero when its trace is below this (absolute).
+      reg_eps: ridge added to the trace-normalised Gramian.
+
+    Returns:
+      An :class:`optax_balance.Weighting` of the Gramian; its state is
+      :class:`optax_balance.UPGradState`.
+
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np, optax_balance as ob
+      >>> J = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+      >>> weights, state = ob.weightings.upgrad()(J @ J.T)    # torchjd's UPGradWeighting
+      >>> print(np.asarray(weights).round(4))
+      [1.1109 0.7894]
+
+    References:
+      Quinton & Rey, `Jacobian Descent for Multi-Objective Optimization
+      <https://arxiv.org/abs/2406.16232>`_, 2024.
+    """
+    _core.check_range("norm_eps", norm_eps, low=0.0)
+    _core.check_range("reg_eps", reg_eps, low=0.0)
+    pref, t_cfg = _core.check_task_vector("pref_vector", pref_vector)
+
+    def init(t: int) -> UPGradState:
+        w = jnp.full((t,), 1.0 / max(t, 1), _core.stat_dtype())
+        return UPGradState(weights=w, iterations=jnp.zeros((), jnp.int32))
+
+    def weigh(stats: _core.Stats, state: UPGradState) -> tuple[jax.Array, UPGradState]:
+        assert stats.gram is not None
+        t = stats.num_tasks
+        gram = _qp.regularize(_qp.normalize(stats.gram, norm_eps), reg_eps)
+        u = _qp.pref_weights(pref, t, gram.dtype)
+        sol = _qp.project_to_dual_cone(jnp.diag(u), gram, max_iters=_qp.default_max_iters(t))
+        w = jnp.sum(sol.z, axis=0)
+        return w, UPGradState(weights=w, iterations=sol.iterations)
+
+    return _core.Weighting(
+        init,
+        weigh,
+        needs=("gram",),
+        name="upgrad",
+        num_tasks=t_cfg,
+    )
 
 
 def upgrad(
@@ -97,33 +157,10 @@ def upgrad(
       <https://arxiv.org/abs/2406.16232>`_, 2024.
       Lawson & Hanson, *Solving Least Squares Problems*, 1974 (active-set method).
     """
-    _core.check_range("norm_eps", norm_eps, low=0.0)
-    _core.check_range("reg_eps", reg_eps, low=0.0)
-    t_cfg = _core.check_num_tasks(num_tasks)
-    pref, t_cfg = _core.check_task_vector("pref_vector", pref_vector, t_cfg)
-
-    def init_state(t: int, params: Any) -> UPGradState:
-        del params
-        w = jnp.full((t,), 1.0 / max(t, 1), _core.stat_dtype())
-        return UPGradState(weights=w, iterations=jnp.zeros((), jnp.int32))
-
-    def weigh(stats: _core.Stats, state: UPGradState) -> tuple[jax.Array, UPGradState]:
-        assert stats.gram is not None
-        t = stats.num_tasks
-        gram = _qp.regularize(_qp.normalize(stats.gram, norm_eps), reg_eps)
-        u = _qp.pref_weights(pref, t, gram.dtype)
-        sol = _qp.project_to_dual_cone(jnp.diag(u), gram, max_iters=_qp.default_max_iters(t))
-        w = jnp.sum(sol.z, axis=0)
-        return w, UPGradState(weights=w, iterations=sol.iterations)
-
-    return _core.balancing_transform(
-        method="upgrad",
-        init_state=init_state,
-        weigh=weigh,
-        stat="gram",
-        losses="unused",
-        num_tasks=t_cfg,
+    return _core.balance(
+        upgrad_weighting(pref_vector=pref_vector, norm_eps=norm_eps, reg_eps=reg_eps),
         shared=shared,
         axis_name=axis_name,
         sync=sync,
+        num_tasks=num_tasks,
     )

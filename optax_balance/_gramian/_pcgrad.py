@@ -6,7 +6,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from optax_balance import _core
@@ -65,6 +64,58 @@ def pcgrad_coefficients(gram: jax.Array, orders: jax.Array) -> jax.Array:
         return coef.at[rows, j].add(-step)
 
     return jax.lax.fori_loop(0, t, body, jnp.eye(t, dtype=gram.dtype))
+
+
+def pcgrad_weighting(
+    *,
+    seed: int = 0,
+) -> _core.Weighting:
+    r"""PCGrad's weighting: the column sums of the projection coefficients, from the Gramian.
+
+    See :func:`optax_balance.pcgrad`; the PRNG key of the projection orders is in the
+    state.
+
+    Args:
+      seed: the integer seed of the PRNG key kept in the state.
+
+    Returns:
+      An :class:`optax_balance.Weighting` of the Gramian; its state is
+      :class:`optax_balance.PCGradState`.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax_balance as ob
+      >>> J = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+      >>> weights, state = ob.weightings.pcgrad()(J @ J.T)
+      >>> weights.round(4)                  # 1 + 22/18 and 1 + 22/38
+      Array([2.2222, 1.5789], dtype=float32)
+
+    References:
+      Yu et al., `Gradient Surgery for Multi-Task Learning
+      <https://arxiv.org/abs/2001.06782>`_, NeurIPS 2020.
+    """
+    seed = _core.check_int("seed", seed, low=-(2**63), high=2**63)
+
+    def init(t: int) -> PCGradState:
+        key = jax.random.key_data(jax.random.key(int(seed)))
+        return PCGradState(weights=jnp.ones((t,), _core.stat_dtype()), key=key)
+
+    def weigh(stats: _core.Stats, state: PCGradState) -> tuple[jax.Array, PCGradState]:
+        assert stats.gram is not None
+        key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
+        orders = task_orders(step_key, stats.num_tasks)
+        # The coefficients are invariant to a common scale of the gradients: normalise so
+        # that gradients near 1e15 or 1e-15 neither overflow nor underflow the products.
+        top = jnp.max(jnp.diagonal(stats.gram))
+        gram = stats.gram / jnp.where(top > 0, top, 1.0)
+        w = jnp.sum(pcgrad_coefficients(gram, orders), axis=0)
+        return w, PCGradState(weights=w, key=jax.random.key_data(key))
+
+    return _core.Weighting(
+        init,
+        weigh,
+        needs=("gram",),
+        name="pcgrad",
+    )
 
 
 def pcgrad(
@@ -128,40 +179,10 @@ def pcgrad(
       Yu et al., `Gradient Surgery for Multi-Task Learning
       <https://arxiv.org/abs/2001.06782>`_, NeurIPS 2020.
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(
-            f"`seed` must be a Python int, got {seed!r} (under optax.inject_hyperparams, "
-            "list it in `static_args`)."
-        )
-    if not -(2**63) <= int(seed) < 2**63:
-        raise ValueError(f"`seed` must be in [-2**63, 2**63), got {seed!r}.")
-    t_cfg = _core.check_num_tasks(num_tasks)
-    _core.check_sync(axis_name, sync)
-
-    def init_state(t: int, params: Any) -> PCGradState:
-        del params
-        key = jax.random.key_data(jax.random.key(int(seed)))
-        return PCGradState(weights=jnp.ones((t,), _core.stat_dtype()), key=key)
-
-    def weigh(stats: _core.Stats, state: PCGradState) -> tuple[jax.Array, PCGradState]:
-        assert stats.gram is not None
-        key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
-        orders = task_orders(step_key, stats.num_tasks)
-        # The coefficients are invariant to a common scale of the gradients: normalise so
-        # that gradients near 1e15 or 1e-15 neither overflow nor underflow the products.
-        top = jnp.max(jnp.diagonal(stats.gram))
-        gram = stats.gram / jnp.where(top > 0, top, 1.0)
-        w = jnp.sum(pcgrad_coefficients(gram, orders), axis=0)
-        return w, PCGradState(weights=w, key=jax.random.key_data(key))
-
-    return _core.balancing_transform(
-        method="pcgrad",
-        init_state=init_state,
-        weigh=weigh,
-        stat="gram",
-        losses="unused",
-        num_tasks=t_cfg,
+    return _core.balance(
+        pcgrad_weighting(seed=seed),
         shared=shared,
         axis_name=axis_name,
         sync=sync,
+        num_tasks=num_tasks,
     )

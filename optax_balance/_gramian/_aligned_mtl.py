@@ -65,6 +65,63 @@ def balance_matrix(gram: jax.Array, scale_mode: str = "min") -> tuple[jax.Array,
     return b.astype(dt), rank.astype(jnp.int32)
 
 
+def aligned_mtl_weighting(
+    *,
+    pref_vector: Sequence[float] | np.ndarray | jax.Array | None = None,
+    scale_mode: ScaleMode = "min",
+) -> _core.Weighting:
+    r"""Aligned-MTL's weighting: the Gramian's spectrum equalised, times ``pref_vector``.
+
+    See :func:`optax_balance.aligned_mtl`.
+
+    Args:
+      pref_vector: ``(T,)`` non-negative task preferences (default ones). Giving it
+        fixes T.
+      scale_mode: the singular value all are set to: ``"min"``, ``"median"`` or
+        ``"rmse"``.
+
+    Returns:
+      An :class:`optax_balance.Weighting` of the Gramian; its state is
+      :class:`optax_balance.AlignedMTLState`.
+
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np, optax_balance as ob
+      >>> J = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+      >>> weights, state = ob.weightings.aligned_mtl()(J @ J.T)
+      >>> print(np.asarray(weights).round(4))
+      [1.1181 0.8165]
+
+    References:
+      Senushkin, Patakin, Kuznetsov & Konushin, `Independent Component Alignment for
+      Multi-Task Learning <https://arxiv.org/abs/2305.19000>`_, CVPR 2023.
+    """
+    _core.check_choice("scale_mode", scale_mode, _SCALE_MODES)
+    pref, t_cfg = _core.check_task_vector("pref_vector", pref_vector, nonnegative=True)
+
+    def init(t: int) -> AlignedMTLState:
+        dt = _core.stat_dtype()
+        w = jnp.asarray(pref, dt) if (pref is not None and t) else jnp.ones((t,), dt)
+        return AlignedMTLState(weights=w, rank=jnp.zeros((), jnp.int32))
+
+    def weigh(stats: _core.Stats, state: AlignedMTLState) -> tuple[jax.Array, AlignedMTLState]:
+        del state
+        assert stats.gram is not None
+        b, rank = balance_matrix(stats.gram, scale_mode)
+        w_pref = (
+            jnp.ones((stats.num_tasks,), b.dtype) if pref is None else jnp.asarray(pref, b.dtype)
+        )
+        alpha = b @ w_pref
+        return alpha, AlignedMTLState(weights=alpha, rank=rank)
+
+    return _core.Weighting(
+        init,
+        weigh,
+        needs=("gram",),
+        name="aligned_mtl",
+        num_tasks=t_cfg,
+    )
+
+
 def aligned_mtl(
     *,
     pref_vector: Sequence[float] | np.ndarray | jax.Array | None = None,
@@ -132,36 +189,10 @@ def aligned_mtl(
       Senushkin et al., `Independent Component Alignment for Multi-Task Learning
       <https://arxiv.org/abs/2305.19000>`_, CVPR 2023.
     """
-    _core.check_choice("scale_mode", scale_mode, _SCALE_MODES)
-    pref, t_cfg = _core.check_task_vector(
-        "pref_vector", pref_vector, _core.check_num_tasks(num_tasks), nonnegative=True
-    )
-    _core.check_sync(axis_name, sync)
-
-    def init_state(t: int, params: Any) -> AlignedMTLState:
-        del params
-        dt = _core.stat_dtype()
-        w = jnp.asarray(pref, dt) if (pref is not None and t) else jnp.ones((t,), dt)
-        return AlignedMTLState(weights=w, rank=jnp.zeros((), jnp.int32))
-
-    def weigh(stats: _core.Stats, state: AlignedMTLState) -> tuple[jax.Array, AlignedMTLState]:
-        del state
-        assert stats.gram is not None
-        b, rank = balance_matrix(stats.gram, scale_mode)
-        w_pref = (
-            jnp.ones((stats.num_tasks,), b.dtype) if pref is None else jnp.asarray(pref, b.dtype)
-        )
-        alpha = b @ w_pref
-        return alpha, AlignedMTLState(weights=alpha, rank=rank)
-
-    return _core.balancing_transform(
-        method="aligned_mtl",
-        init_state=init_state,
-        weigh=weigh,
-        stat="gram",
-        losses="unused",
-        num_tasks=t_cfg,
+    return _core.balance(
+        aligned_mtl_weighting(pref_vector=pref_vector, scale_mode=scale_mode),
         shared=shared,
         axis_name=axis_name,
         sync=sync,
+        num_tasks=num_tasks,
     )

@@ -1,0 +1,68 @@
+"""The combination ``sum_i w_i g_i``, leaf by leaf, accumulated in f32."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_balance._core._types import Array, PyTree, stat_dtype
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def combine_leaf(w: Array | np.ndarray, g: Array) -> Array:
+    """``sum_i w_i g_i`` for one stacked leaf, accumulated in f32, returned in g's dtype.
+
+    ``w`` is ``(T,)`` (one weight per task, a contraction) or ``g``'s full shape (one
+    weight per task and coordinate, as GradDrop's masks).
+    """
+    g = jnp.asarray(g)
+    dt = stat_dtype()
+    if np.ndim(w) > 1:
+        return jnp.sum(jnp.asarray(w, dt) * g.astype(dt), axis=0).astype(g.dtype)
+    # A dot over the task axis, not ``jnp.sum(w[:, None] * g, 0)``: XLA's CPU backend runs
+    # a reduction over a short leading axis of a long array far slower (21 ms against
+    # 0.35 ms for a (2, 1e6) leaf, issue 17's figures).
+    out = jax.lax.dot_general(
+        jnp.asarray(w).astype(dt),
+        g,
+        (((0,), (0,)), ((), ())),
+        precision=_HIGHEST,
+        preferred_element_type=dt,
+    )
+    return out.astype(g.dtype)
+
+
+def sum_leaf(g: Array) -> Array:
+    """``sum_i g_i`` over the task axis (a task-specific leaf), accumulated in f32."""
+    g = jnp.asarray(g)
+    return combine_leaf(jnp.ones((g.shape[0],), stat_dtype()), g)
+
+
+def is_task_vector(weights: Any) -> bool:
+    """Whether ``weights`` is one ``(T,)`` array (not a per-leaf pytree)."""
+    return isinstance(weights, jax.Array | np.ndarray)
+
+
+def combine(updates: PyTree, weights: Array | PyTree, shared_mask: PyTree) -> PyTree:
+    """Weighted sum over the task axis on shared leaves; plain sum on task-specific ones.
+
+    ``weights`` is a ``(T,)`` array, or a pytree with the params' structure holding, per
+    statistic leaf, a ``(T,)`` array (per-leaf weights, as in MetaBalance) or an array of
+    the leaf's stacked shape (per-coordinate weights), and ``None`` elsewhere (shared
+    leaves outside the statistics then get a plain sum).
+    """
+    if is_task_vector(weights):
+        return jax.tree.map(
+            lambda g, m: combine_leaf(weights, g) if m else sum_leaf(g), updates, shared_mask
+        )
+    return jax.tree.map(
+        lambda g, m, w: combine_leaf(w, g) if (m and w is not None) else sum_leaf(g),
+        updates,
+        shared_mask,
+        weights,
+        is_leaf=lambda x: x is None,
+    )

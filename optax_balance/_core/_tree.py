@@ -1,0 +1,161 @@
+"""The stacked gradient tree: its task count, the ``shared`` mask, and the losses."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_balance._core._types import Array, PyTree, SharedMask, stat_dtype
+
+LossUse = Literal["required", "unused"]
+
+
+def _leaf_paths(tree: PyTree) -> tuple[list[str], list[Any], Any]:
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    paths = [jax.tree_util.keystr(p) or "<root>" for p, _ in path_leaves]
+    leaves = [x for _, x in path_leaves]
+    return paths, leaves, treedef
+
+
+def num_tasks_of(updates: PyTree, expected: int | None = None) -> int:
+    """The task count T of a stacked gradient pytree, validated on every leaf.
+
+    Raises:
+      ValueError: at trace time, naming the leaf path, when a leaf has no leading axis,
+        when leaves disagree on T, or when T differs from ``expected``.
+    """
+    paths, leaves, _ = _leaf_paths(updates)
+    if not leaves:
+        raise ValueError("the stacked gradient pytree has no leaves.")
+    first_path, first_t = None, None
+    for path, leaf in zip(paths, leaves):
+        shape = np.shape(leaf)
+        if len(shape) == 0:
+            raise ValueError(
+                f"gradient leaf {path} is a scalar: stacked gradients need a leading task axis "
+                "(leaf shape (T, *param.shape)), e.g. from ob.value_and_task_grads or "
+                "jax.jacrev of a (T,)-valued loss."
+            )
+        t = shape[0]
+        if expected is not None and t != expected:
+            raise ValueError(
+                f"gradient leaf {path} has leading (task) axis of size {t}, but this "
+                f"transformation was built for num_tasks={expected}."
+            )
+        if first_t is None:
+            first_path, first_t = path, t
+        elif t != first_t:
+            raise ValueError(
+                f"gradient leaves disagree on the task count: leaf {first_path} has T={first_t} "
+                f"but leaf {path} has T={t}; every leaf needs the same leading task axis."
+            )
+    assert first_t is not None
+    if first_t < 1:
+        raise ValueError(f"gradient leaf {first_path} has an empty task axis (T=0).")
+    return int(first_t)
+
+
+def unstacked_like(updates: PyTree) -> PyTree:
+    """Abstract (ShapeDtypeStruct) params tree: ``updates`` with the task axis removed."""
+    return jax.tree.map(lambda g: jax.ShapeDtypeStruct(np.shape(g)[1:], g.dtype), updates)
+
+
+def resolve_mask(mask: SharedMask, params: PyTree, *, name: str = "shared") -> PyTree:
+    """Resolves a ``shared``-style mask to a pytree of Python bools with ``params``' structure.
+
+    ``mask`` is ``None`` (everything True), a pytree of bools with the params' structure or
+    a prefix of it (a bool then covers the whole subtree), or a callable
+    ``params -> such a pytree``.
+    """
+    if mask is None:
+        return jax.tree.map(lambda _: True, params)
+    if callable(mask):
+        mask = mask(params)
+    try:
+        full = jax.tree.map(
+            lambda m, sub: jax.tree.map(lambda _: m, sub),
+            mask,
+            params,
+            is_leaf=lambda x: isinstance(x, (bool, np.bool_)),
+        )
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"`{name}` mask does not match the parameters' structure: it must be a pytree of "
+            f"bools with the params' structure (or a prefix of it), or a callable "
+            f"params -> such a pytree. Mask: {jax.tree.structure(mask)}; "
+            f"params: {jax.tree.structure(params)}. ({e})"
+        ) from None
+    paths, leaves, _ = _leaf_paths(full)
+    for path, m in zip(paths, leaves):
+        if not isinstance(m, (bool, np.bool_)):
+            raise ValueError(
+                f"`{name}` mask leaf {path} must be a Python bool (True: shared), got "
+                f"{type(m).__name__}; masks are static, not arrays."
+            )
+    return jax.tree.map(bool, full)
+
+
+def check_losses(
+    task_losses: Any, num_tasks: int | None, required: bool, method: str
+) -> Array | None:
+    """Validates ``task_losses`` (shape ``(T,)``) and casts it to the statistics dtype.
+
+    Returns ``None`` when the method does not use the losses (whatever was passed: optax
+    forwards every keyword to every member of a chain).
+    """
+    if not required:
+        return None
+    if task_losses is None:
+        raise ValueError(
+            f"{method} needs the per-task losses: call "
+            f"`tx.update(grads, state, params, task_losses=losses)` with `losses` of "
+            f"shape ({num_tasks or 'T'},) (ob.value_and_task_grads returns them)."
+        )
+    shape = np.shape(task_losses)
+    if shape != (num_tasks,) and not (num_tasks is None and len(shape) == 1 and shape[0]):
+        raise ValueError(
+            f"`task_losses` must have shape ({num_tasks},) (one loss per task), got {shape}."
+        )
+    return jnp.asarray(task_losses).astype(stat_dtype())
+
+
+def is_stacked(
+    updates: PyTree, params: PyTree | None, num_tasks: int | None, *, method: str
+) -> bool:
+    """Whether ``updates`` are stacked per-task gradients or one ordinary gradient.
+
+    With ``params``, every leaf must be ``(T, *param.shape)`` (stacked) or every leaf
+    ``param.shape`` (ordinary); anything else is a ``ValueError`` naming the leaf. Without
+    ``params`` the leaves are read as stacked unless ``num_tasks`` (from the losses) rules
+    it out: a leaf that is a scalar or whose leading axis is not T is ordinary. When both
+    readings fit, a ``ValueError`` asks for ``params``.
+    """
+    g_paths, g_leaves, g_def = _leaf_paths(updates)
+    if params is not None and jax.tree.structure(params) == g_def:
+        p_leaves = jax.tree.leaves(params)
+        shapes = [(tuple(np.shape(g)), tuple(np.shape(p))) for g, p in zip(g_leaves, p_leaves)]
+        if all(g == p for g, p in shapes):
+            return False
+        t = shapes[0][0][:1]
+        for path, (g, p) in zip(g_paths, shapes):
+            if len(g) != len(p) + 1 or g[1:] != p or g[:1] != t:
+                raise ValueError(
+                    f"{method}: gradient leaf {path} has shape {g} where the parameter has "
+                    f"shape {p}: stacked per-task gradients need a leading task axis of the "
+                    f"same size T on every leaf, shape (T, *param.shape) (as from "
+                    f"ob.value_and_task_grads); an ordinary gradient has every leaf shaped "
+                    f"like its parameter."
+                )
+        return True
+    if num_tasks is None:
+        return True
+    if any(np.ndim(g) == 0 or np.shape(g)[0] != num_tasks for g in g_leaves):
+        return False
+    raise ValueError(
+        f"{method}: cannot tell whether these gradients are stacked per task (leading axis "
+        f"T={num_tasks}) or one ordinary gradient whose leaves happen to start with "
+        f"{num_tasks}: pass `params` to `update` (tx.update(grads, state, params, ...))."
+    )

@@ -1,0 +1,162 @@
+"""A method's math as a value: :class:`Weighting`, and the guarded step that applies it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_balance._core._combine import is_task_vector
+from optax_balance._core._stats import STAT_NAMES, Stats, all_finite, stats_from_gram
+from optax_balance._core._types import Array, PyTree, SharedMask, stat_dtype
+
+WeighFn = Callable[[Stats, Any], tuple[Any, Any]]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Weighting:
+    r"""A balancing method's math: per-task statistics [+ state] to task weights [+ state].
+
+    A weighting is two pure functions and a list of the statistics they read. The core
+    (:func:`optax_balance.balance`) does the rest once for every method: validation, the
+    ``shared`` mask, the statistics in float32, device sync, the non-finite guard and the
+    combination :math:`d = \sum_i w_i g_i`. Every ``ob.weightings.<name>(...)`` returns
+    one, and ``ob.<name>(...)`` is ``ob.balance(ob.weightings.<name>(...), ...)``.
+
+    A weighting whose ``needs`` is ``("gram",)`` can be called on a Gramian computed
+    elsewhere (per layer, at a representation, on a sharded mesh)::
+
+        weights, state = weighting(gram)            # a fresh state
+        weights, state = weighting(gram, state)     # the next step
+
+    and any weighting on a :class:`optax_balance.Stats`; a 1-D array is read as the
+    losses (for loss-based weightings).
+
+    Attributes:
+      init: ``init(num_tasks) -> state``, a NamedTuple of arrays with a ``(T,)`` field
+        ``weights`` (what ``ob.task_weights`` reports). ``init(0)`` must work: it is the
+        placeholder state of a transformation built without ``num_tasks``. With
+        ``init_takes_params``, ``init(num_tasks, params)`` where ``params`` is the params
+        tree with ``None`` at the leaves the statistics do not read (per-leaf state).
+      weigh: ``weigh(stats, state) -> (weights, new_state)``. ``weights`` is ``(T,)``, or a
+        pytree with the params' structure holding per statistic leaf a ``(T,)`` array or
+        an array of the leaf's stacked shape (per-coordinate weights), ``None`` elsewhere.
+        It must be jittable: no Python control flow on array values.
+      needs: the statistics ``weigh`` reads, from ``"gram"``, ``"sq_norms"``,
+        ``"item_sq_norms"``, ``"leaf_sq_norms"``, ``"leaf_gram"``, ``"grads"`` and
+        ``"losses"`` (the last makes ``task_losses`` required); see
+        :class:`optax_balance.Stats`. A weighting that needs only ``"losses"`` also
+        accepts an ordinary (unstacked) gradient (see :func:`optax_balance.weighted_loss`).
+      name: the method's name, for error messages.
+      num_tasks: T when the hyperparameters fix it (a ``pref_vector``), else ``None``.
+      stat_mask: leaves the statistics are computed on (intersected with ``shared``), as
+        GradNorm's ``norm_mask``; ``None``: every shared leaf.
+      stat_mask_name: the public name of ``stat_mask``, for error messages.
+      init_takes_params: ``init`` takes the statistic leaves as a second argument.
+    """
+
+    init: Callable[..., Any]
+    weigh: WeighFn
+    needs: tuple[str, ...] = ("gram",)
+    name: str = "weighting"
+    num_tasks: int | None = None
+    stat_mask: SharedMask = None
+    stat_mask_name: str = "norm_mask"
+    init_takes_params: bool = False
+
+    def __post_init__(self) -> None:
+        needs = (self.needs,) if isinstance(self.needs, str) else tuple(self.needs)
+        unknown = [n for n in needs if n not in STAT_NAMES]
+        if unknown or not needs:
+            raise ValueError(
+                f"Weighting `needs` must name statistics from {STAT_NAMES}, got {self.needs!r}."
+            )
+        object.__setattr__(self, "needs", needs)
+        if not (callable(self.init) and callable(self.weigh)):
+            raise ValueError("Weighting `init` and `weigh` must be callables.")
+
+    @property
+    def needs_losses(self) -> bool:
+        """Whether ``task_losses`` are required."""
+        return "losses" in self.needs
+
+    @property
+    def losses_only(self) -> bool:
+        """Whether the weights depend on the losses alone (no gradient statistic)."""
+        return self.needs == ("losses",)
+
+    def __call__(self, stats: Any, state: Any = None, *, losses: Any = None) -> tuple[Any, Any]:
+        """Weights (and the next state) from statistics computed by the caller.
+
+        Args:
+          stats: a :class:`optax_balance.Stats`, a ``(T, T)`` Gramian (for weightings
+            that need only ``"gram"``, and ``"losses"`` given as ``losses``), or a
+            ``(T,)`` array of losses (for loss-based weightings).
+          state: the weighting's state; ``None`` starts from ``init(T)``.
+          losses: ``(T,)`` losses to go with a Gramian.
+
+        Returns:
+          ``(weights, new_state)``, exactly as the transformation would compute them
+          from the same statistics (without its non-finite guard).
+        """
+        if not isinstance(stats, Stats):
+            arr = jnp.asarray(stats)
+            if arr.ndim == 1:
+                if losses is not None:
+                    raise ValueError("pass the losses once: as `stats` or as `losses`.")
+                arr = arr.astype(stat_dtype())
+                stats = Stats(losses=arr)
+            else:
+                stats = stats_from_gram(arr, losses)
+        if stats.gram is not None and stats.sq_norms is None:
+            stats = stats._replace(sq_norms=jnp.diagonal(jnp.asarray(stats.gram)))
+        missing = [n for n in self.needs if getattr(stats, n) is None]
+        if missing:
+            raise ValueError(
+                f"the {self.name} weighting needs {missing} but the statistics given do not "
+                f"hold them; build an ob.Stats with those fields."
+            )
+        if state is None:
+            if self.init_takes_params:
+                raise ValueError(
+                    f"the {self.name} weighting keeps per-leaf state: pass `state`, from "
+                    f"`weighting.init(num_tasks, params)`."
+                )
+            state = self.init(stats.num_tasks)
+        return self.weigh(stats, state)
+
+
+def broadcast_like(prev: Array, w: Array) -> Array:
+    """``prev`` ``(T,)`` shaped to broadcast against ``w`` ``(T, ...)``."""
+    return jnp.reshape(prev, prev.shape + (1,) * (np.ndim(w) - 1))
+
+
+def guarded_weigh(weighting: Weighting, stats: Stats, state: Any) -> tuple[Any, Any]:
+    """``weighting.weigh`` with the non-finite guard.
+
+    A step whose statistics (the stacked gradients aside, which the weights read), weights
+    or new state hold a NaN or Inf keeps the previous state and returns the previous
+    ``state.weights`` (broadcast to per-leaf or per-coordinate weights as needed).
+    """
+    weights, new_state = weighting.weigh(stats, state)
+    ok = all_finite((stats._replace(grads=None), weights, new_state))
+    new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+    prev = state.weights
+    if is_task_vector(weights):
+        weights = jnp.where(ok, weights, prev)
+    else:
+        weights = jax.tree.map(
+            lambda w: None if w is None else jnp.where(ok, w, broadcast_like(prev, w)),
+            weights,
+            is_leaf=lambda x: x is None,
+        )
+    return weights, new_state
+
+
+def tree_none_outside(mask: PyTree, tree: PyTree) -> PyTree:
+    """``tree`` with ``None`` at the leaves where ``mask`` is False."""
+    return jax.tree.map(lambda m, x: x if m else None, mask, tree)

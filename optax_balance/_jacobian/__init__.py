@@ -1,0 +1,1 @@
+"""Methods that read the stacked gradients themselves, or keep gradient-sized state."""

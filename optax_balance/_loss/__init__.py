@@ -1,0 +1,1 @@
+"""Methods whose weights are a function of the losses alone: one backward pass."""

@@ -1,0 +1,1 @@
+"""Small dense solvers in weight space (T x T), in pure JAX with fixed shapes."""

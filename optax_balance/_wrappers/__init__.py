@@ -1,0 +1,1 @@
+"""Methods built from other methods (an EMA of another weighting's weights, ...)."""

@@ -1,0 +1,38 @@
+"""Weightings: every method's math on its own, as an :class:`optax_balance.Weighting`.
+
+A weighting maps per-task statistics (a Gramian, norms, losses, ...) and its state to
+task weights and the next state. ``ob.<name>(...)`` is
+``ob.balance(ob.weightings.<name>(...), ...)``; use the weightings directly to wrap one
+method in another (:func:`optax_balance.cr_mogm`), to write your own, or to get weights
+from a Gramian you computed yourself::
+
+    weights, state = ob.weightings.upgrad()(gram)
+"""
+
+from optax_balance._gramian._aligned_mtl import aligned_mtl_weighting as aligned_mtl
+from optax_balance._gramian._cagrad import cagrad_weighting as cagrad
+from optax_balance._gramian._dualproj import dualproj_weighting as dualproj
+from optax_balance._gramian._imtl_g import imtl_g_weighting as imtl_g
+from optax_balance._gramian._mgda import mgda_weighting as mgda
+from optax_balance._gramian._nash_mtl import nash_mtl_weighting as nash_mtl
+from optax_balance._gramian._pcgrad import pcgrad_weighting as pcgrad
+from optax_balance._gramian._upgrad import upgrad_weighting as upgrad
+from optax_balance._norm._balancer import balancer_weighting as balancer
+from optax_balance._norm._gradnorm import gradnorm_weighting as gradnorm
+from optax_balance._norm._metabalance import metabalance_weighting as metabalance
+from optax_balance._wrappers._cr_mogm import cr_mogm_weighting as cr_mogm
+
+__all__ = [
+    "aligned_mtl",
+    "balancer",
+    "cagrad",
+    "cr_mogm",
+    "dualproj",
+    "gradnorm",
+    "imtl_g",
+    "metabalance",
+    "mgda",
+    "nash_mtl",
+    "pcgrad",
+    "upgrad",
+]
