@@ -1,24 +1,27 @@
 # Two commands on a fresh machine with only Python 3 and make:
 #   make demo   -> creates .venv, installs the package (+ examples extras), runs examples/quickstart.py
-#   make test   -> creates .venv with the dev extras, runs the whole test suite
+#   make test   -> creates .venv with the dev extras (pinned by constraints.txt), runs the
+#                  whole test suite on all cores (JOBS=1 for one process)
 #   make bench  -> creates .venv with the bench extra (torch, torchjd), runs benchmarks/run.py
 #                  and writes benchmarks/RESULTS.md (BENCH_QUICK=1: a quick smoke run)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# pytest-xdist workers for `make test` (the suite is compile-bound: one per core).
+JOBS ?= auto
 
 .PHONY: demo test lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[examples]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[examples]"
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml
+$(VENV)/.installed-dev: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(VENV)/.installed $@
 
 # The torch wheel for the bench extra: a CPU build unless you say otherwise, e.g.
@@ -37,7 +40,7 @@ demo: $(VENV)/.installed
 	$(PY) examples/quickstart.py
 
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(JOBS)
 
 bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks.run
