@@ -40,16 +40,20 @@ def _method_parts(method: Any) -> _Method:
     return _Method(weighting, method.shared, method.axis_name, method.sync, method.num_tasks)
 
 
+def _varying_axes(x: Any) -> frozenset[Any]:
+    """The manual mesh axes ``x`` varies over inside ``shard_map`` (empty elsewhere)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # JAX >= 0.9; ``.vma`` before
+    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", ()) or ())
+
+
 def _varying_like(x: Array, like: Array) -> Array:
     """``x`` marked as varying over the mesh axes ``like`` varies over (inside shard_map, a
     tangent of a per-device point must vary as the point does)."""
-    typeof = getattr(jax, "typeof", None)
-    if typeof is None:  # JAX without varying manual axes
-        return x
-    missing = set(getattr(typeof(like), "vma", ())) - set(getattr(typeof(x), "vma", ()))
+    missing = _varying_axes(like) - _varying_axes(x)
     if not missing:
         return x
-    return jax.lax.pcast(x, tuple(sorted(missing)), to="varying")
+    return jax.lax.pcast(x, tuple(sorted(missing, key=str)), to="varying")
 
 
 def _strong(x: Any) -> Any:
