@@ -74,12 +74,16 @@ def test_readme_memory_of_one_gradient_section_runs_verbatim(capsys):
     # From [0.4, 11036] at the start (README comment) to a fraction of it.
     assert np.all(losses < np.array([0.2, 200.0])), losses
     # The gradient is the method's on the stacked gradients (checked in depth elsewhere).
-    ob, jnp = namespace["ob"], namespace["jnp"]
-    params, x, y = namespace["params"], namespace["x"], namespace["y"]
-    method = namespace["method"]
-    state = method.init(params)
-    _, grads, _ = namespace["grad_fn"](params, state, x, y)
-    task_losses, stacked = ob.value_and_task_grads(namespace["task_losses"])(params, x, y)
-    want, _ = method.update(stacked, state, params, task_losses=task_losses)
+    ob, jax = namespace["ob"], namespace["jax"]
+    params, x, y, method = (namespace[k] for k in ("params", "x", "y", "method"))
+
+    @jax.jit
+    def both(params, state):
+        _, grads, _ = namespace["grad_fn"](params, state, x, y)
+        losses, stacked = ob.value_and_task_grads(namespace["task_losses"])(params, x, y)
+        return grads, method.update(stacked, state, params, task_losses=losses)[0]
+
+    grads, want = both(params, method.init(params))
     for k in ("trunk", "heads"):
-        np.testing.assert_allclose(grads[k], want[k], rtol=1e-4, atol=1e-4 * jnp.abs(want[k]).max())
+        scale = float(np.abs(want[k]).max())
+        np.testing.assert_allclose(grads[k], want[k], rtol=1e-4, atol=1e-4 * scale)
