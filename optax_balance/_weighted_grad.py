@@ -355,20 +355,15 @@ def _weighted_grad(
         index = jnp.where(k == n_iter - 1, len(branches) - 1, jnp.where(k < n_full, 0, 1))
         return jax.lax.switch(index, branches, k, carry)
 
-    def local_zeros(shape: tuple[int, ...], dtype: Any, like: Array) -> Array:
-        return _varying_like(jnp.zeros(shape, dtype), like)
+    def zeros(shape: tuple[int, ...], dtype: Any, like: Array, averaged: bool) -> Array:
+        """A carry's start, typed as its values: averaged over devices, or local."""
+        z = jnp.zeros(shape, dtype)
+        return z if averaged else _varying_like(z, like)
 
     init = (
-        [
-            jnp.zeros(leaves[i].shape, leaves[i].dtype)
-            if grads_mode
-            else local_zeros(leaves[i].shape, leaves[i].dtype, leaves[i])
-            for i in shared_i
-        ],
-        [local_zeros(leaves[i].shape, dt, leaves[i]) for i in task_i],
-        jnp.zeros((t, t) if want_gram else (t,), dt)
-        if grads_mode
-        else local_zeros((t, t) if want_gram else (t,), dt, losses),
+        [zeros(leaves[i].shape, leaves[i].dtype, leaves[i], grads_mode) for i in shared_i],
+        [zeros(leaves[i].shape, dt, leaves[i], False) for i in task_i],
+        zeros((t, t) if want_gram else (t,), dt, losses, grads_mode),
         state,
     )
     out, acc, _, new_state = jax.lax.fori_loop(0, n_iter, body, init)
