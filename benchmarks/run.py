@@ -7,8 +7,9 @@ markdown tables and writes them, with the machine's description, to
 * ``BENCH_QUICK=1``: a smoke run (one small size, few repeats), written to
   ``benchmarks/RESULTS.quick.md`` unless ``BENCH_OUT`` says otherwise.
 * ``BENCH_METHODS=mgda,upgrad``: only these methods (names from ``benchmarks/methods.py``).
-* ``BENCH_SECTIONS=agg,step,compile,kernels``: only these sections (``agg`` includes the
-  torchjd comparison, which runs on the same stacked gradients, interleaved).
+* ``BENCH_SECTIONS=agg,step,compile,kernels,lowmem``: only these sections (``agg``
+  includes the torchjd comparison, which runs on the same stacked gradients, interleaved;
+  ``lowmem`` is ``benchmarks/lowmem.py``: ``ob.value_and_weighted_grad``'s memory).
 * ``BENCH_OUT=path``: where to write the markdown.
 
 Timing: every figure is the median of repeated calls after two warm-up calls, each call
@@ -557,7 +558,9 @@ def machine() -> str:
 
 def main() -> int:
     sections = set(
-        (os.environ.get("BENCH_SECTIONS") or "agg,step,compile,kernels").replace(" ", "").split(",")
+        (os.environ.get("BENCH_SECTIONS") or "agg,step,compile,kernels,lowmem")
+        .replace(" ", "")
+        .split(",")
     )
     methods, notes = select(os.environ.get("BENCH_METHODS"))
     out = os.environ.get("BENCH_OUT") or os.path.join(
@@ -583,6 +586,10 @@ def main() -> int:
         bench_compile(methods, rep)
     if "kernels" in sections and not QUICK:
         gram_kernels.section(rep, THREADS)
+    if "lowmem" in sections:
+        from benchmarks import lowmem  # imports this module: loaded here, not at the top
+
+        lowmem.section(rep)
     rep.add("## GPU")
     if BACKEND == "cpu":
         rep.add(

@@ -25,6 +25,7 @@ from optax_balance._norm._balancer import BalancerState, balancer
 from optax_balance._norm._gradnorm import GradNormState, gradnorm
 from optax_balance._norm._metabalance import MetaBalanceState, metabalance
 from optax_balance._representation import value_and_balanced_grad
+from optax_balance._weighted_grad import value_and_weighted_grad
 from optax_balance._wrappers._cr_mogm import CRMOGMState, cr_mogm
 
 __version__ = "0.1.0"
@@ -60,5 +61,6 @@ __all__ = [
     "upgrad",
     "value_and_balanced_grad",
     "value_and_task_grads",
+    "value_and_weighted_grad",
     "weightings",
 ]

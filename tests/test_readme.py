@@ -63,3 +63,27 @@ def test_readme_write_your_own_method_runs_verbatim(capsys):
     np.testing.assert_allclose(np.asarray(namespace["updates"]["w"]), -0.1 * (w @ j), rtol=1e-6)
     weights, _ = namespace["inverse_norm"]()(j @ j.T)
     np.testing.assert_allclose(np.asarray(weights), w, rtol=1e-6)
+
+
+def test_readme_memory_of_one_gradient_section_runs_verbatim(capsys):
+    (block,) = _section_blocks("Balancing at the memory of one gradient")
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
+    assert "task weights" in capsys.readouterr().out
+    losses = np.asarray(namespace["losses"])
+    # From [0.4, 11036] at the start (README comment) to a fraction of it.
+    assert np.all(losses < np.array([0.2, 200.0])), losses
+    # The gradient is the method's on the stacked gradients (checked in depth elsewhere).
+    ob, jax = namespace["ob"], namespace["jax"]
+    params, x, y, method = (namespace[k] for k in ("params", "x", "y", "method"))
+
+    @jax.jit
+    def both(params, state):
+        _, grads, _ = namespace["grad_fn"](params, state, x, y)
+        losses, stacked = ob.value_and_task_grads(namespace["task_losses"])(params, x, y)
+        return grads, method.update(stacked, state, params, task_losses=losses)[0]
+
+    grads, want = both(params, method.init(params))
+    for k in ("trunk", "heads"):
+        scale = float(np.abs(want[k]).max())
+        np.testing.assert_allclose(grads[k], want[k], rtol=1e-4, atol=1e-4 * scale)

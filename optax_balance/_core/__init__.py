@@ -40,7 +40,14 @@ from optax_balance._core._stats import (
     stats_from_gram,
     sync_stats,
 )
-from optax_balance._core._transform import BalancedTransform, balance
+from optax_balance._core._transform import (
+    BalancedTransform,
+    balance,
+    initial_state,
+    ready_state,
+    resolve_num_tasks,
+    statistic_masks,
+)
 from optax_balance._core._tree import (
     check_losses,
     is_stacked,
@@ -73,17 +80,21 @@ __all__ = [
     "compute_stats",
     "gramian",
     "guarded_weigh",
+    "initial_state",
     "is_concrete",
     "is_stacked",
     "is_traced",
     "leaf_gram",
     "leaf_sq_norms",
     "num_tasks_of",
+    "ready_state",
     "resolve_mask",
+    "resolve_num_tasks",
     "safe_inverse",
     "safe_sqrt",
     "sq_norms",
     "stat_dtype",
+    "statistic_masks",
     "stats_from_gram",
     "sum_leaf",
     "sync_stats",

@@ -25,11 +25,67 @@ except (ImportError, AttributeError):  # pragma: no cover - older optax
 
 class BalancedTransform(_Base):  # type: ignore[misc,valid-type]
     """What :func:`balance` returns: an optax ``Aggregator`` (stacked per-task gradients in,
-    one update out) that also carries the ``weighting`` it applies, and its ``axis_name``
-    (read by :func:`optax_balance.weighted_loss`)."""
+    one update out) that also carries the ``weighting`` it applies and the arguments it was
+    built with (read by :func:`optax_balance.weighted_loss` and
+    :func:`optax_balance.value_and_weighted_grad`, which apply the same method to other
+    inputs)."""
 
     weighting: Weighting
+    shared: SharedMask
     axis_name: Any
+    sync: Sync
+    num_tasks: int | None
+
+
+def resolve_num_tasks(weighting: Weighting, num_tasks: int | None) -> int | None:
+    """T as ``num_tasks`` and the weighting's hyperparameters fix it (``None``: unknown)."""
+    t_cfg = _checks.check_num_tasks(num_tasks)
+    if weighting.num_tasks is not None:
+        if t_cfg is not None and t_cfg != weighting.num_tasks:
+            raise ValueError(
+                f"num_tasks={t_cfg} but the {weighting.name} weighting was built for "
+                f"{weighting.num_tasks} tasks by its hyperparameters (a per-task vector such "
+                f"as `pref_vector` or `weights` with {weighting.num_tasks} entries)."
+            )
+        t_cfg = weighting.num_tasks
+    return t_cfg
+
+
+def statistic_masks(
+    weighting: Weighting, shared: SharedMask, params: PyTree
+) -> tuple[PyTree, PyTree]:
+    """``(shared_mask, stat_mask)`` as Python bools: the shared leaves, and those of them the
+    statistics read (further restricted by the weighting's own mask, GradNorm's
+    ``norm_mask``)."""
+    shared_m = _tree.resolve_mask(shared, params, name="shared")
+    if weighting.stat_mask is None:
+        return shared_m, shared_m
+    stat_m = _tree.resolve_mask(weighting.stat_mask, params, name=weighting.stat_mask_name)
+    return shared_m, jax.tree.map(lambda a, b: a and b, shared_m, stat_m)
+
+
+def initial_state(weighting: Weighting, t: int, params: PyTree, shared: SharedMask) -> Any:
+    """``weighting.init(t)``, or ``init(t, statistic leaves)`` for per-leaf state."""
+    if weighting.init_takes_params:
+        stat_m = statistic_masks(weighting, shared, params)[1]
+        return weighting.init(t, tree_none_outside(stat_m, params))
+    return weighting.init(t)
+
+
+def ready_state(
+    weighting: Weighting, state: Any, t: int, params: PyTree, shared: SharedMask
+) -> Any:
+    """The state for T tasks: a placeholder (``init(0)``, zero weights) is replaced by a
+    full ``init(t)``; a state built for another T is a ``ValueError``."""
+    state_t = np.shape(state.weights)[0]
+    if state_t == 0:
+        return initial_state(weighting, t, params, shared)
+    if state_t != t:
+        raise ValueError(
+            f"{weighting.name}: the state holds weights for {state_t} tasks but the "
+            f"gradients have T={t}; re-run `init` or pass num_tasks={t}."
+        )
+    return state
 
 
 def _pmean(tree: PyTree, axis_name: Any) -> PyTree:
@@ -109,15 +165,7 @@ def balance(
             f"`weighting` must be an ob.Weighting (e.g. ob.weightings.upgrad()), got {weighting!r}."
         )
     _checks.check_choice("sync", sync, ("grads", "stats"))
-    t_cfg = _checks.check_num_tasks(num_tasks)
-    if weighting.num_tasks is not None:
-        if t_cfg is not None and t_cfg != weighting.num_tasks:
-            raise ValueError(
-                f"num_tasks={t_cfg} but the {weighting.name} weighting was built for "
-                f"{weighting.num_tasks} tasks by its hyperparameters (a per-task vector such "
-                f"as `pref_vector` or `weights` with {weighting.num_tasks} entries)."
-            )
-        t_cfg = weighting.num_tasks
+    t_cfg = resolve_num_tasks(weighting, num_tasks)
     needs = weighting.needs
     name = weighting.name
     if axis_name is not None and sync == "stats" and "grads" in needs:
@@ -130,34 +178,11 @@ def balance(
     per_device_items = "item_sq_norms" in needs
     grad_stats = [n for n in needs if n != "losses"]
 
-    def masks(params: PyTree) -> tuple[PyTree, PyTree]:
-        shared_m = _tree.resolve_mask(shared, params, name="shared")
-        if weighting.stat_mask is None:
-            return shared_m, shared_m
-        stat_m = _tree.resolve_mask(weighting.stat_mask, params, name=weighting.stat_mask_name)
-        return shared_m, jax.tree.map(lambda a, b: a and b, shared_m, stat_m)
-
-    def init_state(t: int, params: PyTree) -> Any:
-        if weighting.init_takes_params:
-            return weighting.init(t, tree_none_outside(masks(params)[1], params))
-        return weighting.init(t)
-
     def init_fn(params: PyTree) -> Any:
-        state = init_state(0 if t_cfg is None else t_cfg, params)
+        state = initial_state(weighting, 0 if t_cfg is None else t_cfg, params, shared)
         # One buffer per leaf, even where a method's init reuses an array for two fields:
         # a train step that donates its optimizer state must not see a buffer twice.
         return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
-
-    def ready_state(state: Any, t: int, params: PyTree) -> Any:
-        state_t = np.shape(state.weights)[0]
-        if state_t == 0:
-            return init_state(t, params)
-        if state_t != t:
-            raise ValueError(
-                f"{name}: the state holds weights for {state_t} tasks but the gradients "
-                f"have T={t}; re-run `init` or pass num_tasks={t}."
-            )
-        return state
 
     def synced_losses(task_losses: Any, t: int) -> Any:
         losses = _tree.check_losses(task_losses, t, weighting.needs_losses, name)
@@ -169,7 +194,7 @@ def balance(
         # A loss-based weighting given the gradient of ``ob.weighted_loss``: it already
         # carries the weights; advance the state and pass the gradient through.
         t = int(np.shape(task_losses)[0])
-        state = ready_state(state, t, params)
+        state = ready_state(weighting, state, t, params, shared)
         stats = Stats(losses=synced_losses(task_losses, t))
         _, new_state = guarded_weigh(weighting, stats, state)
         if axis_name is not None and sync == "grads":
@@ -197,13 +222,15 @@ def balance(
             )
         t = _tree.num_tasks_of(updates, t_cfg)
         like = _tree.unstacked_like(updates)
-        shared_m, stat_m = masks(params if params is not None else like)
+        shared_m, stat_m = statistic_masks(
+            weighting, shared, params if params is not None else like
+        )
         if jax.tree.structure(shared_m) != jax.tree.structure(updates):
             raise ValueError(
                 f"`shared` mask structure {jax.tree.structure(shared_m)} does not match the "
                 f"gradients' structure {jax.tree.structure(updates)}."
             )
-        state = ready_state(state, t, like)
+        state = ready_state(weighting, state, t, like, shared)
         losses = synced_losses(task_losses, t)
 
         # Devices. "grads": the leaves the statistics read are averaged before them, every
@@ -229,5 +256,8 @@ def balance(
 
     tx = BalancedTransform(init_fn, update_fn)
     tx.weighting = weighting
+    tx.shared = shared
     tx.axis_name = axis_name
+    tx.sync = sync
+    tx.num_tasks = t_cfg
     return tx
