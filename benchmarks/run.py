@@ -582,7 +582,7 @@ def main() -> int:
     if "compile" in sections:
         bench_compile(methods, rep)
     if "kernels" in sections and not QUICK:
-        gram_kernels.section(rep, THREADS)
+        gram_kernels.section(rep, tuple(sorted({1, THREADS})))
     rep.add("## GPU")
     if BACKEND == "cpu":
         rep.add(
