@@ -1,4 +1,5 @@
-"""The core's Gramian against a NumPy float64 Gramian, for every code path of leaf_gram."""
+"""The core's statistic kernels: the Gramian against NumPy float64 for every code path of
+leaf_gram, and the non-finite test of the guard."""
 
 from __future__ import annotations
 
@@ -129,3 +130,18 @@ def test_gramian_of_gradients_made_in_the_same_jit(t: int) -> None:
 
     got, g = gram(w, ys)
     assert_gram_close(got, g)
+
+
+def test_all_finite_on_large_arrays() -> None:
+    """The non-finite guard's test: any Inf or NaN anywhere, never an overflow of a sum."""
+    fin = jax.jit(_core.all_finite)
+    n = 3 * _gram._MAX_CHUNK + 5
+    big = np.full((4, n), 3e38, np.float32)  # sums of these overflow; the values are finite
+    assert bool(fin(jnp.asarray(big)))
+    assert bool(fin({"a": jnp.asarray(-big).astype(jnp.bfloat16), "i": jnp.arange(3)}))
+    for bad in (np.inf, -np.inf, np.nan):
+        for pos in [(0, 0), (3, n - 1), (2, n // 2)]:
+            x = big.copy()
+            x[pos] = bad
+            assert not bool(fin({"ok": jnp.ones(3), "x": jnp.asarray(x)})), (bad, pos)
+            assert not bool(fin(jnp.asarray(x).astype(jnp.bfloat16))), (bad, pos)
