@@ -283,7 +283,7 @@ def section(
             r = no_ynn[t]
             row.append("failed" if r is None else f"{ms(r[name])} ({r[name] / r['floor']:.1f}x)")
         table_rows.append(row)
-    rep.add("## 5. Gramian kernels (one leaf)")
+    rep.section("Gramian kernels (one leaf)")
     rep.add(
         f"`G = F F^T` of one (T, P={p:.0e}) float32 leaf: median ms (ratio to the floor "
         "`w @ F`), and max |G - G_f64| / max |G_f64| against a NumPy float64 Gramian. "
