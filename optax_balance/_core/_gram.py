@@ -55,24 +55,23 @@ def _replicated_if_explicit(g: Array) -> Any:
 
 
 # How one leaf's Gramian is contracted. On GPU/TPU it is one ``dot_general`` (the
-# vendor GEMM splits the long contraction). On CPU, XLA sends every f32 dot to YNNPACK,
-# which runs a (T, n) x (n, T) dot (tiny output, long contraction) on one thread and
-# packs whole operands: 5-7x one pass over the gradients at n = 1e6, growing faster than
-# n. The CPU form walks the leaf in column chunks of about _CHUNK_BYTES in a fori_loop
-# and contracts each chunk with that dot, so YNNPACK's packing stays in L2
-# (benchmarks/gram_kernels.py times the alternatives, RESULTS.md section 5). Two tasks
-# are a degenerate GEMM (2 of 16 lanes), so each chunk's two rows are split in halves
-# and the (4, 4) Gramian of the halves is contracted, its two diagonal blocks summed:
-# 0.47 ms against 0.65-0.76 ms unsplit at T=2, n=1e6 (AMD EPYC Zen 5; more rows than 4
-# waste more than they gain: 4.2 ms against 3.1 at T=8 split in two).
-# Why not the others (AMD EPYC Zen 5 and Intel Xeon, RESULTS.md section 5):
-#   * one variadic reduce over all T(T+1)/2 row products ("pairs", this module's kernel
-#     for T <= 12 until issue 17): XLA emits it as scalar code. On the Xeon it was the
-#     fastest at T <= 8 (T=8: 3.2 ms against 3.6 for the 4096-column dot); on the EPYC
-#     it takes 7.0 ms there against 3.1-3.2 ms, and 1.0-1.2 ms at T=2 against 0.47.
-#     The dot is within 11% of it on the Xeon at T=8 and 2x ahead on the EPYC.
-#   * broadcast products reduced by YNNPACK, stacked row products, Eigen's dot on a
-#     transposed copy, matrix-vector products per task, batched dots: 1.3-15x slower.
+# vendor GEMM splits the long contraction). On CPU, XLA sends every f32 (and bf16 -> f32)
+# dot to YNNPACK, which runs a (T, n) x (n, T) dot (tiny output, long contraction) on one
+# thread and packs whole operands: 5-10x one pass over the gradients at n = 1e6. The CPU
+# form walks the leaf in column chunks of about _CHUNK_BYTES in a fori_loop and contracts
+# each chunk with that dot, so the packing stays in L2. Two tasks are a degenerate GEMM
+# (2 of 16 lanes): each chunk's two rows are split in halves and the (4, 4) Gramian of the
+# halves is contracted, its two diagonal blocks summed.
+# benchmarks/KERNELS.md has the figures behind this, per machine (CPU ms at n = 1e6 on an
+# AMD EPYC Zen 5; the Intel Xeon's from an earlier run), and the forms that lost:
+#   * T=2: split rows 0.47-0.54 ms; the plain chunked dot 0.65-0.81; "pairs" 1.0-1.4.
+#   * T=8: the 4096-column dot 3.0-3.4; "pairs" 6.8-7.0 (on the Xeon 3.2 against 3.6:
+#     the one regime where pairs was ahead, by 10%).
+#   * "pairs", this module's kernel for T <= 12 until issue 17, is one variadic reduce
+#     over all T(T+1)/2 row products; XLA emits it as scalar code.
+#   * broadcast products reduced by YNNPACK, stacked row products, batched dots over row
+#     blocks, Eigen's dot on a transposed copy, matrix-vector products per task: no faster,
+#     most 1.3-15x slower. Independent chunk loops do not run concurrently.
 # The chunks matter beyond cache: inside a train step the stacked gradients often come
 # out of the backward pass in a transposed physical layout (a Dense kernel's gradient is
 # computed as (T * out, in)). XLA then fuses that relayout into the chunk's
@@ -88,9 +87,10 @@ _SPLIT_T = 2  # up to this many tasks, each chunk's rows are split in two
 def _chunk_columns(t: int) -> int:
     """Columns per chunk for ``t`` tasks: a power of two near ``_CHUNK_BYTES``, clipped.
 
-    Measured on the EPYC (CPU ms at n=1e6): T=8 3.1 at 4096 against 3.5 at 2048 and 4.6
-    at 16384; T=16 8.2-8.5 at 1024-2048 against 8.9-9.3 at 4096-16384; T=32 20 at 1024
-    against 22-26 at 2048-16384. The Xeon agrees at T=8 and T=16 (RESULTS.md section 5).
+    Measured on the EPYC (CPU ms at n=1e6, benchmarks/KERNELS.md): T=8 3.1-3.4 at 4096
+    against 3.5-3.8 at 2048 and 3.5-4.6 at 16384; T=16 8.2-9.0 at 1024-2048 against
+    8.9-13 at 4096-16384; T=32 20-24 at 1024 against 22-34 at 2048-16384. The Xeon agrees
+    at T=8 and T=16 (4096 columns ahead of 16384 and 65536).
     """
     c = _CHUNK_BYTES // (4 * t)
     c = 1 << max(c.bit_length() - 1, 0)
