@@ -753,9 +753,39 @@ SECTIONS: dict[str, Callable[[list[BenchMethod], Report], None]] = {
 # --------------------------------------------------------------------------------------
 
 
-WHY = """Why (what this benchmark's own tables show):
+WHY = """Why (what this benchmark's own tables show; benchmarks/KERNELS.md has the kernel
+figures per machine):
 
-(to be filled from the run's figures)"""
+- **Gramian methods at P = 1e6 (floor and torchjd).** The Gramian `J J^T` is a
+  (T, P) x (P, T) product: a tiny output and a very long contraction. XLA's CPU backend
+  sends every f32 dot to YNNPACK, which runs that shape on one core (the Gramian-kernel
+  section: `dot`). The core walks each leaf in column chunks of ~128 KiB and contracts
+  each with that dot (at T=2 on rows split in halves, a (4, 4) product): 2-5x faster than
+  one dot and than the old variadic-reduce kernel on an AMD EPYC, but still one core,
+  while the floor `w @ J` streams the gradients on every core at memory speed. On the
+  EPYC the Gramian alone is ~2.5x the floor at T=2, ~4-6x at T=8 (64 multiply-adds per
+  column at a fifth of one core's vector peak) and ~5x at T=32 (compute-bound); with the
+  combination pass on top, Gramian methods land above the 3x/4x targets there. No XLA
+  form tried uses the second core: independent chunk loops run one after the other, and
+  Eigen's multi-threaded dot is reached only through a transposed copy (dearer than it
+  saves) or the process flag `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`, which
+  the library cannot set. torch's GEMM (MKL) is multi-threaded where that pays and
+  computed the same Gramian in 1-3x the floor on the Xeon (the kernel section's torch
+  row), which is why torchjd stays ahead at P = 1e6 for the methods whose aggregator is
+  that GEMM plus a cheap solve.
+- **P = 1e4.** The floor is a few tens of microseconds: one update's fixed cost (the
+  solver's `while_loop`, state update, non-finite guard, a dozen small kernels each
+  dispatched by XLA's CPU runtime) is of that size, so ratios there measure dispatch. At
+  T = 32 the Gramian itself is compute-bound (1e7 multiply-adds on one core, ~0.14 ms).
+- **Norm methods.** The weights depend on the norms, so two passes (norms, then the
+  weighted sum) are the minimum; 2x is the ideal, and any fixed cost lands above it.
+- **Solver-bound cells** (a method far above MGDA at the same T and P): the method's
+  small dense QP/Newton solver, not the Gramian (issue 17's solver part).
+- **Train step.** The step is dominated by the T backward passes; the method adds the
+  Gramian (or norms) of the stacked trunk gradients plus the combination, both on one
+  core, against a step XLA runs on all of them.
+- **Load.** On a shared machine single cells swing by 2x between runs (the load average
+  is printed with each table); rerun on a quiet machine for final figures."""
 
 
 def cpu_name() -> str:

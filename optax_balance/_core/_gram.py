@@ -58,10 +58,10 @@ def _replicated_if_explicit(g: Array) -> Any:
 # vendor GEMM splits the long contraction). On CPU, XLA sends every f32 (and bf16 -> f32)
 # dot to YNNPACK, which runs a (T, n) x (n, T) dot (tiny output, long contraction) on one
 # thread and packs whole operands: 5-10x one pass over the gradients at n = 1e6. The CPU
-# form walks the leaf in column chunks of about _CHUNK_BYTES in a fori_loop and contracts
-# each chunk with that dot, so the packing stays in L2. Two tasks are a degenerate GEMM
-# (2 of 16 lanes): each chunk's two rows are split in halves and the (4, 4) Gramian of the
-# halves is contracted, its two diagonal blocks summed.
+# form walks the leaf in column chunks (about _CHUNK_BYTES up to T=12) in a fori_loop
+# and contracts each chunk with that dot, so the packing stays in cache. Two tasks are a
+# degenerate GEMM (2 of 16 lanes): each chunk's two rows are split in halves and the
+# (4, 4) Gramian of the halves is contracted, its two diagonal blocks summed.
 # benchmarks/KERNELS.md has the figures behind this, per machine (CPU ms at n = 1e6 on an
 # AMD EPYC Zen 5; the Intel Xeon's from an earlier run), and the forms that lost:
 #   * T=2: split rows 0.47-0.54 ms; the plain chunked dot 0.65-0.81; "pairs" 1.0-1.4.
@@ -79,8 +79,9 @@ def _replicated_if_explicit(g: Array) -> Any:
 # (YNNPACK's bf16 dot accumulates in f32) and agrees with a float64 Gramian within
 # tests/tolerance.py's float32 bound.
 _CHUNK_BYTES = 1 << 17  # 128 KiB of float32 per chunk: 4096 columns at T=8
-_MIN_CHUNK = 1024
+_MIN_CHUNK = 4096
 _MAX_CHUNK = 16384
+_BIG_T = 13  # from this many tasks on, chunks of _MAX_CHUNK columns
 _SPLIT_T = 2  # up to this many tasks, each chunk's rows are split in two
 
 
@@ -88,10 +89,15 @@ def _chunk_columns(t: int) -> int:
     """Columns per chunk for ``t`` tasks: a power of two near ``_CHUNK_BYTES``, clipped.
 
     Measured on the EPYC (CPU ms at n=1e6, benchmarks/KERNELS.md): T=8 3.1-3.4 at 4096
-    against 3.5-3.8 at 2048 and 3.5-4.6 at 16384; T=16 8.2-9.0 at 1024-2048 against
-    8.9-13 at 4096-16384; T=32 20-24 at 1024 against 22-34 at 2048-16384. The Xeon agrees
-    at T=8 and T=16 (4096 columns ahead of 16384 and 65536).
+    against 3.5-3.8 at 2048 and 3.5-4.6 at 16384; T=12 6.8 at 4096, 7.4 at 8192, 8.1 at
+    16384. The Xeon agrees at T=8 (4096 columns ahead of 16384 and 65536). From T=13 on
+    the chunk is _MAX_CHUNK: at T=16-32, 1024-2048 columns cost 0-15% less CPU than 16384
+    (and 4096 more), but 8-16x the loop iterations, and each iteration is a thunk XLA's
+    runtime may hand to another thread: on the loaded VM that cost the 1024-column loop
+    2-3x wall time, the 16384-column one little.
     """
+    if t >= _BIG_T:
+        return _MAX_CHUNK
     c = _CHUNK_BYTES // (4 * t)
     c = 1 << max(c.bit_length() - 1, 0)
     return int(min(max(c, _MIN_CHUNK), _MAX_CHUNK))
@@ -134,7 +140,7 @@ def _gram_chunked(kernel: Callable[[Array, Any], Array], x: Array, dt: Any, chun
 def _gram_cpu(x: Array, dt: Any) -> Array:
     t, n = x.shape
     chunk = _chunk_columns(t)
-    if t <= _SPLIT_T and n % 2 == 0 and n >= 2 * _MIN_CHUNK:
+    if t <= _SPLIT_T and n % 2 == 0 and n >= 2048:
         return _gram_chunked(_gram_split_dot, x, dt, chunk)
     return _gram_chunked(_gram_dot, x, dt, chunk)
 
