@@ -10,7 +10,7 @@ import pytest
 
 from optax_balance import _core
 from optax_balance._core import _gram
-from tests.tolerance import assert_gram_close
+from tests.tolerance import assert_gram_close, dot_bound
 
 # Shapes hit the blocked path (a divisor in 16..1024), the flat path (primes), tiny leaves.
 SHAPES = [(128, 64), (37, 11), (5,), (1,), (64,), (3, 1000), (101, 13), (7919,)]
@@ -146,3 +146,18 @@ def test_all_finite_on_large_arrays() -> None:
             x[pos] = bad
             assert not bool(fin({"ok": jnp.ones(3), "x": jnp.asarray(x)})), (bad, pos)
             assert not bool(fin(jnp.asarray(x).astype(jnp.bfloat16))), (bad, pos)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_sq_norms_of_long_leaves(dtype) -> None:
+    """leaf_sq_norms on (T, n) views of 3-D leaves (the barrier path) and on 2-D leaves."""
+    rng = np.random.default_rng(7)
+    n_long = 70_000
+    for shape in [(n_long // 40, 40), (n_long,), (300, 7)]:
+        scale = np.asarray([10.0, 1.0, 1e-3]).reshape((3,) + (1,) * len(shape))
+        x = jnp.asarray(rng.standard_normal((3, *shape)) * scale, dtype)
+        got = np.asarray(jax.jit(_gram.leaf_sq_norms)(x), np.float64)
+        f = np.asarray(x.astype(jnp.float32), np.float64).reshape(3, -1)
+        want = np.sum(f * f, axis=1)
+        bound = dot_bound(want, f.shape[1])
+        assert np.all(np.abs(got - want) <= bound), (shape, got, want)
