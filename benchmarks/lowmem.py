@@ -163,7 +163,7 @@ def section(rep: bench.Report) -> None:
     load_before = bench.load()
     rows = measure(TASKS, BATCH)
     n_trunk = sum(v.size for v in jax.tree.leaves(init_params(jax.random.key(0), 1)["trunk"]))
-    rep.add("## 6. Parameter-level balancing at the memory of one gradient")
+    rep.section("Parameter-level balancing at the memory of one gradient")
     rep.add(
         f"A jitted gradient step (losses and gradient, no optimizer) of an MLP: ReLU trunk "
         f"{D_IN}-{HIDDEN}-{HIDDEN} ({n_trunk:,} shared parameters, "

@@ -3,7 +3,8 @@
 A line names the ``optax_balance`` factory (looked up with ``getattr``, so a method that is
 not in this build of the library is skipped with a printed note), the keyword arguments
 it is built with, the target class (``"gram"``: needs the Gramian, about two passes over
-the gradients, target 3x the one-pass floor; ``"norm"``: needs only norms, target 2x),
+the gradients, target 3x the one-pass floor at T <= 8 and 4x at T = 32, and a train step
+within 1.15x of the equal-weight step at T = 8; ``"norm"``: needs only norms, target 2x),
 and the torchjd aggregator it is compared with (``None``: torchjd has no counterpart).
 Both libraries run with their default hyperparameters unless the line says otherwise.
 """
