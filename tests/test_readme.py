@@ -4,6 +4,7 @@ import pathlib
 import re
 
 import numpy as np
+import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -79,3 +80,29 @@ def test_readme_write_your_own_method_runs_verbatim(capsys):
     np.testing.assert_allclose(np.asarray(namespace["updates"]["w"]), -0.1 * (w @ j), rtol=1e-6)
     weights, _ = namespace["inverse_norm"]()(j @ j.T)
     np.testing.assert_allclose(np.asarray(weights), w, rtol=1e-6)
+
+
+def test_readme_checkpointing_section_runs_verbatim(capsys):
+    blocks = _section_blocks("Checkpointing")
+    assert len(blocks) == 2
+    namespace: dict = {}
+    exec(compile(blocks[0], str(README), "exec"), namespace)  # noqa: S102
+    assert "task weights" in capsys.readouterr().out
+    ob, jax = namespace["ob"], namespace["jax"]
+    assert np.asarray(ob.task_weights(namespace["opt_state"])).shape == (3,)
+    restored = namespace["restored"]["opt_state"]
+    assert np.asarray(ob.task_weights(restored)).shape == (3,)  # the full-shape state
+    # The NNX block, on names the README's Flax NNX section defines.
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.w = nnx.Linear(4, 3, rngs=rngs)
+
+    namespace.update(nnx=nnx, Model=Model)
+    exec(compile(blocks[1], str(README), "exec"), namespace)  # noqa: S102
+    saved = nnx.state(namespace["build"]())
+    restored = nnx.state((namespace["model"], namespace["optimizer"]))
+    assert jax.tree.structure(saved) == jax.tree.structure(restored)
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
