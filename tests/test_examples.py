@@ -47,6 +47,12 @@ def final_relative_losses(out: str) -> list[float]:
 
 def test_quickstart_fast() -> None:
     out = run_example("quickstart.py", "--steps", "20")
+    # ob.conflict_stats at the start: the norms follow the targets' scales, 1 : 10 : 100.
+    m = re.search(r"norms on the trunk at the start \[([^\]]*)\], (\d) conflicting pairs", out)
+    assert m, out
+    norms = np.array([float(v) for v in m.group(1).split(",")])
+    assert np.all(np.diff(norms) > 0) and norms[2] / norms[0] > 30, out
+    assert 0 <= int(m.group(2)) <= 3
     rel = {}
     for name in ("plain sum", "MGDA (l2)", "balancer"):
         m = re.search(
