@@ -106,3 +106,18 @@ def test_readme_checkpointing_section_runs_verbatim(capsys):
     assert jax.tree.structure(saved) == jax.tree.structure(restored)
     for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(restored)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_readme_accumulation_and_aggregation_section_runs_verbatim(capsys):
+    blocks = _section_blocks("Gradient accumulation and optax's aggregation API")
+    assert len(blocks) == 2
+    namespace: dict = {}
+    exec(compile(blocks[0], str(README), "exec"), namespace)  # noqa: S102
+    assert "updated: True" in capsys.readouterr().out
+    ob, state = namespace["ob"], namespace["opt_state"]
+    assert int(state.micro_step) == 0 and np.asarray(ob.task_weights(state)).shape == (3,)
+    assert np.any(np.asarray(namespace["params"]["w"]) != 0)  # the 4th micro-batch stepped
+    exec(compile(blocks[1], str(README), "exec"), namespace)  # noqa: S102
+    assert "task weights" in capsys.readouterr().out
+    weights = np.asarray(ob.task_weights(namespace["opt_state"]))
+    assert weights.shape == (3,) and np.all(np.isfinite(weights))
