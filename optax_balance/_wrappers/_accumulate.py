@@ -77,7 +77,10 @@ def accumulate(
     other calls return zeros and leave ``tx``'s state as it is. With micro-batches of
     equal size, :math:`\bar J` and :math:`\bar L` are the gradients and losses of the
     whole batch, so every method, loss-based ones included (GradNorm, MGDA with
-    ``norm_type="loss"``), takes exactly the step it would take on the whole batch.
+    ``norm_type="loss"``), takes the step it would take on the whole batch (up to the
+    rounding of the mean). The exception is a method reading per-item statistics (the
+    balancer's ``per_batch_item=True``, whose leaves carry a batch axis): item ``b`` of
+    every micro-batch would be averaged together.
 
     ``optax.MultiSteps(method, k)`` does not do this: its accumulator has the shape of the
     tree its ``init`` gets (the params, not the stacked gradients), and it hands the
