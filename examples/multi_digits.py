@@ -101,10 +101,13 @@ def methods() -> dict[str, Callable[[], optax.GradientTransformationExtraArgs]]:
             "balancer",
             lambda: ob.balancer([1.0, 1.0], balance_grads=False, shared=SHARED),
         ),
-        "MGDA": ("mgda", lambda: ob.mgda(shared=SHARED)),
+        "MGDA": ("mgda", lambda: ob.mgda(shared=SHARED, num_tasks=2)),
         "GradNorm": ("gradnorm", lambda: ob.gradnorm(2, shared=SHARED)),
         "balancer": ("balancer", lambda: ob.balancer([1.0, 1.0], shared=SHARED)),
-        "MetaBalance": ("metabalance", lambda: ob.metabalance(main_task=0, shared=SHARED)),
+        "MetaBalance": (
+            "metabalance",
+            lambda: ob.metabalance(main_task=0, shared=SHARED, num_tasks=2),
+        ),
     }
     out = {}
     for name, (attr, make) in candidates.items():
@@ -135,11 +138,10 @@ def train(
         return (optax.apply_updates(params, updates), opt_state), None
 
     keys = jax.random.split(jax.random.key(2), steps)
-    opt_state = tx.init(params)
-    # The first update outside lax.scan lets every method size its state (scan carries
-    # must keep one shape); then the rest of training is one compiled loop.
-    carry = jax.jit(step)((params, opt_state), keys[0])[0]
-    (params, opt_state), _ = jax.jit(lambda c, ks: jax.lax.scan(step, c, ks))(carry, keys[1:])
+    # Every method is built with its task count, so `init` gives the state its final shape
+    # and the whole of training is one compiled loop (a scan carry keeps one shape).
+    carry = (params, tx.init(params))
+    (params, opt_state), _ = jax.jit(lambda c, ks: jax.lax.scan(step, c, ks))(carry, keys)
     return params, ob.task_weights(opt_state)
 
 

@@ -4,7 +4,7 @@ Every method takes the stacked per-task gradients (a params pytree whose leaves 
 leading task axis, as from :func:`value_and_task_grads`, ``jax.vmap(jax.grad)`` or
 ``jax.jacrev``) and returns one combined gradient, so it chains in front of any optimizer::
 
-    tx = optax.chain(ob.mgda(), optax.adam(1e-3))
+    tx = optax.chain(ob.mgda(num_tasks=3), optax.adam(1e-3))
 
 Each method is a :class:`Weighting` (``ob.weightings.<name>``: statistics [+ state] ->
 weights [+ state]) made into a transformation by :func:`balance`.
@@ -12,6 +12,7 @@ weights [+ state]) made into a transformation by :func:`balance`.
 
 from optax_balance import weightings
 from optax_balance._core import Stats, Weighting, balance
+from optax_balance._diagnostics import ConflictStats, conflict_stats
 from optax_balance._grads import task_weights, value_and_task_grads
 from optax_balance._gramian._aligned_mtl import AlignedMTLState, aligned_mtl
 from optax_balance._gramian._cagrad import CAGradState, cagrad
@@ -26,6 +27,7 @@ from optax_balance._norm._gradnorm import GradNormState, gradnorm
 from optax_balance._norm._metabalance import MetaBalanceState, metabalance
 from optax_balance._representation import value_and_balanced_grad
 from optax_balance._weighted_grad import value_and_weighted_grad
+from optax_balance._wrappers._accumulate import accumulate
 from optax_balance._wrappers._cr_mogm import CRMOGMState, cr_mogm
 
 __version__ = "0.1.0"
@@ -35,6 +37,7 @@ __all__ = [
     "BalancerState",
     "CAGradState",
     "CRMOGMState",
+    "ConflictStats",
     "DualProjState",
     "GradNormState",
     "IMTLGState",
@@ -45,10 +48,12 @@ __all__ = [
     "Stats",
     "UPGradState",
     "Weighting",
+    "accumulate",
     "aligned_mtl",
     "balance",
     "balancer",
     "cagrad",
+    "conflict_stats",
     "cr_mogm",
     "dualproj",
     "gradnorm",

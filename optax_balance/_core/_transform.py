@@ -165,6 +165,9 @@ def balance(
             f"`weighting` must be an ob.Weighting (e.g. ob.weightings.upgrad()), got {weighting!r}."
         )
     _checks.check_choice("sync", sync, ("grads", "stats"))
+    _tree.check_mask_arg("shared", shared)
+    if weighting.stat_mask is not None:
+        _tree.check_mask_arg(weighting.stat_mask_name, weighting.stat_mask)
     t_cfg = resolve_num_tasks(weighting, num_tasks)
     needs = weighting.needs
     name = weighting.name
@@ -185,9 +188,12 @@ def balance(
         return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
 
     def synced_losses(task_losses: Any, t: int) -> Any:
-        losses = _tree.check_losses(task_losses, t, weighting.needs_losses, name)
+        nonneg = weighting.nonnegative_losses
+        losses = _tree.check_losses(task_losses, t, weighting.needs_losses, name, nonneg)
         if axis_name is not None and losses is not None:
             losses = jax.lax.pmean(losses, axis_name)  # local-batch means, in every mode
+        if nonneg and losses is not None:
+            _tree.warn_if_negative(losses, name)
         return losses
 
     def update_ordinary(updates: PyTree, state: Any, params: PyTree, task_losses: Any):
@@ -205,6 +211,7 @@ def balance(
         updates: PyTree, state: Any, params: PyTree | None = None, **extra_args: Any
     ) -> tuple[PyTree, Any]:
         task_losses = extra_args.get("task_losses")
+        _tree.check_float_leaves(updates, name)
         updates = jax.tree.map(jnp.asarray, updates)
         if weighting.losses_only:
             t_hint = t_cfg
@@ -218,7 +225,8 @@ def balance(
                 f"{name} needs stacked per-task gradients (every leaf shaped "
                 f"(T, *param.shape)), but every gradient leaf has its parameter's shape: "
                 f"get them with ob.value_and_task_grads(loss_fn) or jax.jacrev of a "
-                f"(T,)-valued loss."
+                f"(T,)-valued loss. (Under optax.MultiSteps, whose accumulator has the "
+                f"params' shape, use ob.accumulate(optax.chain(method, optimizer), k).)"
             )
         t = _tree.num_tasks_of(updates, t_cfg)
         like = _tree.unstacked_like(updates)
@@ -230,6 +238,7 @@ def balance(
                 f"`shared` mask structure {jax.tree.structure(shared_m)} does not match the "
                 f"gradients' structure {jax.tree.structure(updates)}."
             )
+        _tree.check_selects(shared_m, stat_m, weighting.stat_mask_name, name)
         state = ready_state(weighting, state, t, like, shared)
         losses = synced_losses(task_losses, t)
 

@@ -57,6 +57,9 @@ class Weighting:
         GradNorm's ``norm_mask``; ``None``: every shared leaf.
       stat_mask_name: the public name of ``stat_mask``, for error messages.
       init_takes_params: ``init`` takes the statistic leaves as a second argument.
+      nonnegative_losses: the weights read the losses as non-negative quantities (MGDA's
+        normalisation by the loss): a negative ``task_losses`` entry is a ``ValueError``
+        when the losses are concrete and a run-time ``UserWarning`` when traced.
     """
 
     init: Callable[..., Any]
@@ -67,6 +70,7 @@ class Weighting:
     stat_mask: SharedMask = None
     stat_mask_name: str = "norm_mask"
     init_takes_params: bool = False
+    nonnegative_losses: bool = False
 
     def __post_init__(self) -> None:
         needs = (self.needs,) if isinstance(self.needs, str) else tuple(self.needs)
