@@ -2,6 +2,7 @@
 #   make demo   -> creates .venv, installs the package (+ examples extras), runs examples/quickstart.py
 #   make test   -> creates .venv with the dev extras (pinned by constraints.txt), runs the
 #                  whole test suite on all cores (JOBS=1 for one process)
+#   make docs   -> builds the docs site into docs/_build/html (warnings are errors)
 #   make bench  -> creates .venv with the bench extra (torch, torchjd), runs benchmarks/run.py
 #                  and writes benchmarks/RESULTS.md (BENCH_QUICK=1: a quick smoke run)
 PYTHON ?= python3
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 # pytest-xdist workers for `make test` (the suite is compile-bound: one per core).
 JOBS ?= auto
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench docs clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +48,12 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -n $(JOBS)
 
+# The docs site (docs/): Sphinx from the docstrings, README.md and docs/*.md, warnings as
+# errors; open docs/_build/html/index.html. The test suite builds it too.
+docs: $(VENV)/.installed-dev
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs/_build/html/index.html"
+
 bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks.run
 
@@ -56,4 +63,4 @@ lint: $(VENV)/.installed-dev
 	$(VENV)/bin/pyright
 
 clean:
-	rm -rf $(VENV) .pytest_cache build dist *.egg-info
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info docs/_build docs/_generated
