@@ -62,6 +62,16 @@ def test_combine_per_coordinate_weights(t):
     assert low.dtype == jnp.bfloat16  # accumulated in f32, returned in the leaf's dtype
 
 
+def test_combine_single_leaf_tree_with_per_coordinate_weights():
+    # The params tree is one array: its per-coordinate weights are one (T, ...) array too.
+    g = jnp.asarray(np.random.default_rng(3).normal(size=(3, 4)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(4).uniform(size=(3, 4)), jnp.float32)
+    np.testing.assert_allclose(_core.combine(g, w, True), np.sum(w * g, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(
+        _core.combine(g, jnp.array([1.0, 2.0, 3.0]), True), np.array([1.0, 2.0, 3.0]) @ g, rtol=1e-6
+    )
+
+
 def test_combine_keeps_leaf_dtype():
     g = jnp.ones((2, 3), jnp.bfloat16)
     assert _core.combine_leaf(jnp.array([0.5, 0.5]), g).dtype == jnp.bfloat16

@@ -69,8 +69,12 @@ def sum_leaf(g: Array) -> Array:
 
 
 def is_task_vector(weights: Any) -> bool:
-    """Whether ``weights`` is one ``(T,)`` array (not a per-leaf pytree)."""
-    return isinstance(weights, jax.Array | np.ndarray)
+    """Whether ``weights`` is one ``(T,)`` array (not a per-leaf pytree).
+
+    A params tree of one leaf has per-coordinate weights that are a single array too:
+    those have the leaf's stacked shape, of two or more dimensions.
+    """
+    return isinstance(weights, jax.Array | np.ndarray) and np.ndim(weights) == 1
 
 
 def combine(updates: PyTree, weights: Array | PyTree, shared_mask: PyTree) -> PyTree:
