@@ -53,6 +53,9 @@ class Method:
       conflict_slack: ``(J, |w|) -> (T,)`` extra tolerance on ``g_i . d`` for methods whose
         non-conflict holds up to a documented bound (UPGrad's and DualProj's ridge).
       notes: why a property is not claimed, or anything a reader of the suite should know.
+      min_tasks: the smallest T the method accepts with the registry's hyperparameters
+        (Krum, TrimmedMean: a ``ValueError`` below it); suites that run smaller T (the
+        single-task test, the property draws of T in 2..4) skip them.
     """
 
     name: str
@@ -71,6 +74,7 @@ class Method:
     invalid: tuple[tuple[dict[str, Any], str], ...] = ()
     conflict_slack: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
     notes: str = ""
+    min_tasks: int = 1
 
     @property
     def losses_used(self) -> bool:
