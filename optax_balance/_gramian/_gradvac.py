@@ -95,7 +95,10 @@ def gradvac_coefficients(
         phi_hat = phi_hat.at[rows, j].set(new.astype(phi_hat.dtype))
         return coef, cg, phi_hat
 
-    init = (jnp.eye(t, dtype=gram.dtype), gram, targets)
+    # The three carries get the same device-variance (inside shard_map the targets come
+    # from a per-device state and the Gramian from a pmean): adding zeros is exact.
+    zero = jnp.zeros_like(gram) + jnp.zeros_like(targets)
+    init = (jnp.eye(t, dtype=gram.dtype) + zero, gram + zero, targets + zero)
     coef, _, targets = jax.lax.fori_loop(0, t, body, init)
     return coef, targets
 
