@@ -46,6 +46,9 @@ def krum_weights(gram: jax.Array, n_byzantine: int, n_selected: int) -> jax.Arra
     """
     t = gram.shape[0]
     dt = gram.dtype
+    # Symmetric to the last bit, so that d_ij == d_ji: at T = f + 3 the two mutually
+    # nearest gradients tie exactly (each one's score is their distance).
+    gram = 0.5 * (gram + gram.T)
     sq = jnp.diagonal(gram)
     dist = _core.safe_sqrt(jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0))
     # Row i sorted: its first entry is its own distance 0 (or another 0 from a duplicate:
