@@ -20,9 +20,10 @@ class GradDropState(NamedTuple):
         :math:`w_i = \sum_k m_{ik} g_{ik}^2 / \sum_k g_{ik}^2` over the shared
         coordinates k, with :math:`m_{ik}` the mask (between ``leak[i]`` and 1). This is
         the coefficient of the projection of task i's masked gradient onto its raw one
-        (1: nothing dropped; ``leak[i]``: everything dropped); the mean of the mask for a
-        zero gradient. The actual weights are per coordinate (the masks), which are not
-        stored; a step with non-finite gradients combines every coordinate with these.
+        (1: nothing dropped; ``leak[i]``: everything dropped); ``leak[i]`` (0 without a
+        leak) for a zero gradient, whose mask is that everywhere. The actual weights are
+        per coordinate (the masks), which are not stored; a step with non-finite
+        gradients combines every coordinate with these.
       key: ``uint32`` raw PRNG key data (``jax.random.key_data``); each update splits it
         into the next key and the key that draws this step's uniform variables.
     """
@@ -40,10 +41,14 @@ def graddrop_masks(g: jax.Array, u: jax.Array, leak: Any) -> jax.Array:
 
     :math:`P = \frac12 (1 + \sum_i g_i / \sum_i |g_i|)` per coordinate (1/2 where every
     gradient is 0), :math:`M_i = [P > U][g_i > 0] + [P < U][g_i < 0]` and the mask
-    :math:`\ell_i + (1 - \ell_i) M_i`, in ``g``'s dtype.
+    :math:`\ell_i + (1 - \ell_i) M_i`, in ``g``'s dtype, of ``g``'s shape. The sums over
+    the tasks are written row by row (T is static): XLA's CPU backend runs a reduction
+    over a short leading axis many times slower.
     """
-    total = jnp.sum(g, axis=0)
-    mass = jnp.sum(jnp.abs(g), axis=0)
+    t = g.shape[0]
+    total, mass = g[0], jnp.abs(g[0])
+    for i in range(1, t):
+        total, mass = total + g[i], mass + jnp.abs(g[i])
     pos = mass > 0
     purity = 0.5 * (1.0 + jnp.where(pos, total / jnp.where(pos, mass, 1.0), 0.0))
     keep = ((purity > u) & (g > 0)) | ((purity < u) & (g < 0))
@@ -115,22 +120,23 @@ def graddrop_weighting(
         masks: list[Any] = []
         kept = jnp.zeros((t,), dt())
         sq = jnp.zeros((t,), dt())
-        mean_mask, count = jnp.zeros((t,), dt()), 0
         for index, g in enumerate(leaves):
             if g is None:
                 masks.append(None)
                 continue
             g = jnp.asarray(g).astype(dt())
             u = leaf_uniforms(step_key, index, g.shape[1:], dt())
-            m = graddrop_masks(g, u, lk)
+            # Materialised once, then read by the summary and the combination: left to
+            # itself, XLA's CPU backend fuses the masks into each consumer, or turns the
+            # per-task sums into single-threaded dots, 5-20x slower (P=1e6, T=8).
+            m = jax.lax.optimization_barrier(graddrop_masks(g, u, lk))
             masks.append(m)
             axes = tuple(range(1, g.ndim))
-            g2 = g * g
-            kept = kept + jnp.sum(m * g2, axis=axes)
-            sq = sq + jnp.sum(g2, axis=axes)
-            mean_mask, count = mean_mask + jnp.sum(m, axis=axes), count + int(np.prod(g.shape[1:]))
+            kept = kept + jnp.sum(m * g * g, axis=axes)
+            sq = sq + _core.leaf_sq_norms(g)
         pos = sq > 0
-        fallback = mean_mask / max(count, 1) if count else jnp.ones((t,), dt())
+        # A zero gradient's mask is leak[i] everywhere (M_i = 0): its share is that.
+        fallback = jnp.zeros((t,), dt()) if lk is None else lk
         w = jnp.where(pos, kept / jnp.where(pos, sq, 1.0), fallback)
         # A non-finite gradient makes its task's norm non-finite: the summary is then
         # NaN, so that the core's guard keeps the state (the masks alone stay finite).
