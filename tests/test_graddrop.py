@@ -55,12 +55,12 @@ def reference_leaf(g, u, leak=None):
     return out, np.stack(masks)
 
 
-def reference_weights(leaves, masks):
-    """The documented (T,) summary: kept share of each task's squared norm."""
+def reference_weights(leaves, masks, leak):
+    """The documented (T,) summary: kept share of each task's squared norm (the leak for a
+    zero gradient)."""
     kept = sum(np.sum((m * g**2).reshape(len(g), -1), axis=1) for g, m in zip(leaves, masks))
     sq = sum(np.sum((g**2).reshape(len(g), -1), axis=1) for g in leaves)
-    mean = sum(m.reshape(len(m), -1).sum(1) for m in masks) / sum(m[0].size for m in masks)
-    return np.where(sq > 0, kept / np.where(sq > 0, sq, 1.0), mean)
+    return np.where(sq > 0, kept / np.where(sq > 0, sq, 1.0), leak)
 
 
 SHAPES = {"a": (3,), "b": (4, 5), "c": (2,)}
@@ -98,7 +98,7 @@ def test_matches_reference_over_steps(t):
         np.testing.assert_allclose(d["b"], ref_b, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(d["c"], gs[2].sum(0), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(
-            state.weights, reference_weights(gs[:2], [m_a, m_b]), rtol=1e-5, atol=1e-7
+            state.weights, reference_weights(gs[:2], [m_a, m_b], leak), rtol=1e-5, atol=1e-7
         )
 
 
@@ -138,6 +138,14 @@ def test_sign_choice_frequency_is_the_purity():
     sigma = np.sqrt(0.6 * 0.4 / n)
     assert all(abs(f - 0.6) < 5 * sigma for f in freqs), freqs
     assert len(set(freqs)) == 3  # fresh uniforms every step
+
+
+def test_zero_gradient_share_is_its_leak():
+    J = np.array([[1.0, -2.0, 3.0], [0.0, 0.0, 0.0], [-1.0, 1.0, 0.5]], np.float32)
+    for leak in (None, [0.1, 0.3, 0.0]):
+        tx = ob.graddrop(leak=leak)
+        _, state = tx.update(jnp.asarray(J), tx.init(jnp.zeros(3)))
+        assert float(state.weights[1]) == (0.0 if leak is None else np.float32(0.3))
 
 
 def test_agreeing_signs_never_dropped_and_zero_columns():
