@@ -6,7 +6,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from optax_balance import _core
@@ -20,8 +19,8 @@ class TrimmedMeanState(NamedTuple):
         :math:`w_i = \sum_k m_{ik} g_{ik}^2 / \sum_k g_{ik}^2` over the shared
         coordinates k, with :math:`m_{ik}` the per-coordinate weight (``1/(T - 2b)`` where
         :math:`g_{ik}` was kept, 0 where it was trimmed): the coefficient of the
-        projection of task i's contribution onto its gradient (the mean of
-        :math:`m_{ik}` for a zero gradient; ``1/T`` before the first update). The
+        projection of task i's contribution onto its gradient (``1/(T - 2b)``, the weight
+        of a kept value, for a zero gradient; ``1/T`` before the first update). The
         per-coordinate weights themselves are not stored; a step with non-finite
         gradients combines every coordinate with these.
     """
@@ -141,22 +140,21 @@ def trimmed_mean_weighting(trim_number: int) -> _core.Weighting:
         coefs: list[Any] = []
         kept = jnp.zeros((t,), dt())
         sq = jnp.zeros((t,), dt())
-        total, count = jnp.zeros((t,), dt()), 0
         for g in leaves:
             if g is None:
                 coefs.append(None)
                 continue
             g = jnp.asarray(g).astype(dt())
-            m = trimmed_mean_coefficients(g, b)
+            # Materialised once, then read by the summary and the combination: left to
+            # itself, XLA's CPU backend repeats the comparisons in each consumer.
+            m = jax.lax.optimization_barrier(trimmed_mean_coefficients(g, b))
             coefs.append(m)
             axes = tuple(range(1, g.ndim))
-            g2 = g * g
-            kept = kept + jnp.sum(m * g2, axis=axes)
-            sq = sq + jnp.sum(g2, axis=axes)
-            total, count = total + jnp.sum(m, axis=axes), count + int(np.prod(g.shape[1:]))
+            kept = kept + jnp.sum(m * g * g, axis=axes)
+            sq = sq + _core.leaf_sq_norms(g)
         pos = sq > 0
-        fallback = total / count if count else jnp.full((t,), 1.0 / t, dt())
-        w = jnp.where(pos, kept / jnp.where(pos, sq, 1.0), fallback)
+        # A zero gradient: the weight of a kept value (0/0 otherwise).
+        w = jnp.where(pos, kept / jnp.where(pos, sq, 1.0), 1.0 / (t - 2 * b))
         # A non-finite gradient makes its task's norm non-finite: the summary is then
         # NaN, so that the core's guard keeps the state (the masks alone stay finite).
         w = jnp.where(jnp.isfinite(sq), w, jnp.nan).astype(dt())
