@@ -16,12 +16,17 @@ from optax_balance._diagnostics import ConflictStats, conflict_stats
 from optax_balance._grads import task_weights, value_and_task_grads
 from optax_balance._gramian._aligned_mtl import AlignedMTLState, aligned_mtl
 from optax_balance._gramian._cagrad import CAGradState, cagrad
+from optax_balance._gramian._con_fig import ConFIGState, con_fig
 from optax_balance._gramian._dualproj import DualProjState, dualproj
+from optax_balance._gramian._gradvac import GradVacState, gradvac
 from optax_balance._gramian._imtl_g import IMTLGState, imtl_g
+from optax_balance._gramian._krum import KrumState, krum
 from optax_balance._gramian._mgda import MGDAState, mgda
 from optax_balance._gramian._nash_mtl import NashMTLState, nash_mtl
 from optax_balance._gramian._pcgrad import PCGradState, pcgrad
 from optax_balance._gramian._upgrad import UPGradState, upgrad
+from optax_balance._jacobian._graddrop import GradDropState, graddrop
+from optax_balance._jacobian._trimmed_mean import TrimmedMeanState, trimmed_mean
 from optax_balance._norm._balancer import BalancerState, balancer
 from optax_balance._norm._gradnorm import GradNormState, gradnorm
 from optax_balance._norm._metabalance import MetaBalanceState, metabalance
@@ -37,15 +42,20 @@ __all__ = [
     "BalancerState",
     "CAGradState",
     "CRMOGMState",
+    "ConFIGState",
     "ConflictStats",
     "DualProjState",
+    "GradDropState",
     "GradNormState",
+    "GradVacState",
     "IMTLGState",
+    "KrumState",
     "MGDAState",
     "MetaBalanceState",
     "NashMTLState",
     "PCGradState",
     "Stats",
+    "TrimmedMeanState",
     "UPGradState",
     "Weighting",
     "accumulate",
@@ -53,16 +63,21 @@ __all__ = [
     "balance",
     "balancer",
     "cagrad",
+    "con_fig",
     "conflict_stats",
     "cr_mogm",
     "dualproj",
+    "graddrop",
     "gradnorm",
+    "gradvac",
     "imtl_g",
+    "krum",
     "metabalance",
     "mgda",
     "nash_mtl",
     "pcgrad",
     "task_weights",
+    "trimmed_mean",
     "upgrad",
     "value_and_balanced_grad",
     "value_and_task_grads",

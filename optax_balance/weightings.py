@@ -11,12 +11,17 @@ from a Gramian you computed yourself::
 
 from optax_balance._gramian._aligned_mtl import aligned_mtl_weighting as aligned_mtl
 from optax_balance._gramian._cagrad import cagrad_weighting as cagrad
+from optax_balance._gramian._con_fig import con_fig_weighting as con_fig
 from optax_balance._gramian._dualproj import dualproj_weighting as dualproj
+from optax_balance._gramian._gradvac import gradvac_weighting as gradvac
 from optax_balance._gramian._imtl_g import imtl_g_weighting as imtl_g
+from optax_balance._gramian._krum import krum_weighting as krum
 from optax_balance._gramian._mgda import mgda_weighting as mgda
 from optax_balance._gramian._nash_mtl import nash_mtl_weighting as nash_mtl
 from optax_balance._gramian._pcgrad import pcgrad_weighting as pcgrad
 from optax_balance._gramian._upgrad import upgrad_weighting as upgrad
+from optax_balance._jacobian._graddrop import graddrop_weighting as graddrop
+from optax_balance._jacobian._trimmed_mean import trimmed_mean_weighting as trimmed_mean
 from optax_balance._norm._balancer import balancer_weighting as balancer
 from optax_balance._norm._gradnorm import gradnorm_weighting as gradnorm
 from optax_balance._norm._metabalance import metabalance_weighting as metabalance
@@ -26,13 +31,18 @@ __all__ = [
     "aligned_mtl",
     "balancer",
     "cagrad",
+    "con_fig",
     "cr_mogm",
     "dualproj",
+    "graddrop",
     "gradnorm",
+    "gradvac",
     "imtl_g",
+    "krum",
     "metabalance",
     "mgda",
     "nash_mtl",
     "pcgrad",
+    "trimmed_mean",
     "upgrad",
 ]

@@ -53,6 +53,9 @@ class Method:
       conflict_slack: ``(J, |w|) -> (T,)`` extra tolerance on ``g_i . d`` for methods whose
         non-conflict holds up to a documented bound (UPGrad's and DualProj's ridge).
       notes: why a property is not claimed, or anything a reader of the suite should know.
+      min_tasks: the smallest T the method accepts with the registry's hyperparameters
+        (Krum, TrimmedMean: a ``ValueError`` below it); suites that run smaller T (the
+        single-task test, the property draws of T in 2..4) skip them.
     """
 
     name: str
@@ -71,6 +74,7 @@ class Method:
     invalid: tuple[tuple[dict[str, Any], str], ...] = ()
     conflict_slack: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
     notes: str = ""
+    min_tasks: int = 1
 
     @property
     def losses_used(self) -> bool:
@@ -253,6 +257,80 @@ METHODS: list[Method] = [
         factory=ob.nash_mtl,
         static=lambda t: {"num_tasks": t, "update_weights_every": 1, "optim_niter": 20},
         invalid=(({"max_norm": -1.0}, "`max_norm` must be in [0, inf)"),),
+    ),
+    Method(
+        "gradvac",
+        lambda t, **kw: ob.gradvac(seed=0, num_tasks=t, **kw),
+        permutation_invariant=False,
+        stochastic=True,
+        factory=ob.gradvac,
+        static=lambda t: {"num_tasks": t, "seed": 0},
+        invalid=(
+            ({"beta": 1.5}, "`beta` must be in [0, 1]"),
+            ({"eps": -1.0}, "`eps` must be in [0, inf)"),
+        ),
+        notes="random order per step (as PCGrad, which its first step is); the absolute eps "
+        "makes it not homogeneous for small gradients; the corrected sum can conflict",
+    ),
+    Method(
+        "gradvac_per_leaf",
+        lambda t, **kw: ob.gradvac(seed=0, per_leaf=True, num_tasks=t, **kw),
+        permutation_invariant=False,
+        stochastic=True,
+        factory=ob.gradvac,
+        static=lambda t: {"num_tasks": t, "seed": 0, "per_leaf": True},
+        notes="as gradvac, leaf by leaf (per-leaf targets and weights)",
+    ),
+    Method(
+        "graddrop",
+        lambda t, **kw: ob.graddrop(seed=0, num_tasks=t, **kw),
+        stochastic=True,
+        homogeneous=True,
+        factory=ob.graddrop,
+        static=lambda t: {"num_tasks": t, "seed": 0},
+        invalid=(({"leak": [0.5, 1.5, 0.0]}, "`leak` must hold values in [0, 1]"),),
+        notes="per-coordinate masks from one uniform per coordinate (the same for every task "
+        "order, so permutation invariant for a given key); a random sign choice conflicts",
+    ),
+    Method(
+        "con_fig",
+        lambda t, **kw: ob.con_fig(num_tasks=t, **kw),
+        homogeneous=True,
+        factory=ob.con_fig,
+        static=lambda t: {"num_tasks": t},
+        invalid=(({"pref_vector": [1.0, -1.0, 1.0]}, "`pref_vector` must be finite and >= 0"),),
+        notes="conflict-free only when the unit gradients are independent; with T > rank the "
+        "pseudo-inverse's least squares can conflict",
+    ),
+    Method(
+        "krum",
+        lambda t, **kw: ob.krum(0, num_tasks=t, **kw),
+        permutation_invariant=False,
+        homogeneous=True,
+        factory=ob.krum,
+        static=lambda t: {"n_byzantine": 0, "n_selected": 1, "num_tasks": t},
+        invalid=(
+            ({"n_byzantine": -1}, "`n_byzantine` must be an integer in [0, inf)"),
+            ({"n_selected": 0}, "`n_selected` must be an integer in [1, inf)"),
+            ({"n_byzantine": 1}, "needs at least 4 tasks"),
+        ),
+        min_tasks=3,
+        notes="selects one task's gradient, which may conflict with the others'; at T = "
+        "n_byzantine + 3 the two mutually nearest gradients always tie, and ties go to the "
+        "lower index, so permuting the tasks can change the pick",
+    ),
+    Method(
+        "trimmed_mean",
+        lambda t, **kw: ob.trimmed_mean(1, num_tasks=t, **kw),
+        homogeneous=True,
+        factory=ob.trimmed_mean,
+        static=lambda t: {"trim_number": 1, "num_tasks": t},
+        invalid=(
+            ({"trim_number": -1}, "`trim_number` must be an integer in [0, inf)"),
+            ({"trim_number": 2}, "needs at least 5 tasks"),
+        ),
+        min_tasks=3,
+        notes="a coordinate-wise median for T=3: conflicts whenever the majority opposes a task",
     ),
 ]
 

@@ -73,6 +73,8 @@ def test_finite_output_and_state(m, case, fresh):
 @pytest.mark.parametrize("m", ALL)
 def test_single_task(m):
     """T=1: the output is a non-negative multiple of the only gradient, leaf by leaf."""
+    if m.min_tasks > 1:
+        pytest.skip(f"{m.name} needs T >= {m.min_tasks} (tested in its own file)")
     st = I.stepper(m.name, 1)
     g0 = I.rand_j(7, 1)
     js = np.stack([g0, 0 * g0, 1e-10 * g0, 1e10 * g0, -g0]).astype(np.float32)
