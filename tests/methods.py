@@ -52,6 +52,9 @@ class Method:
         ``ValueError`` whose message holds the fragment.
       conflict_slack: ``(J, |w|) -> (T,)`` extra tolerance on ``g_i . d`` for methods whose
         non-conflict holds up to a documented bound (UPGrad's and DualProj's ridge).
+      stacked_init: ``optax.MultiSteps`` can wrap it (its ``init`` hands the method the
+        stacked tree). False for a state shaped like the stacked gradients, built from the
+        params given to ``init``: ``update`` then raises a ``ValueError`` naming MultiSteps.
       notes: why a property is not claimed, or anything a reader of the suite should know.
     """
 
@@ -70,6 +73,7 @@ class Method:
     static: Callable[[int], dict[str, Any]] | None = None
     invalid: tuple[tuple[dict[str, Any], str], ...] = ()
     conflict_slack: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    stacked_init: bool = True
     notes: str = ""
 
     @property

@@ -40,6 +40,8 @@ def _numpy_stats(j: np.ndarray, losses: np.ndarray, needs: tuple[str, ...]) -> o
             per_leaf.append(np.sum(block**2, axis=1))
             start += size
         fields["leaf_sq_norms"] = jax.tree.unflatten(jax.tree.structure(I.params()), per_leaf)
+    if "grads" in needs:  # the stacked gradients themselves, on every (shared) leaf
+        fields["grads"] = I.tree(j)
     if "losses" in needs:
         fields["losses"] = losses
     cast = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), fields)
