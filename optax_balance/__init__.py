@@ -16,6 +16,7 @@ from optax_balance._grads import task_weights, value_and_task_grads
 from optax_balance._gramian._aligned_mtl import AlignedMTLState, aligned_mtl
 from optax_balance._gramian._cagrad import CAGradState, cagrad
 from optax_balance._gramian._dualproj import DualProjState, dualproj
+from optax_balance._gramian._fairgrad import FairGradState, fairgrad
 from optax_balance._gramian._imtl_g import IMTLGState, imtl_g
 from optax_balance._gramian._mgda import MGDAState, mgda
 from optax_balance._gramian._nash_mtl import NashMTLState, nash_mtl
@@ -35,6 +36,7 @@ __all__ = [
     "CAGradState",
     "CRMOGMState",
     "DualProjState",
+    "FairGradState",
     "GradNormState",
     "IMTLGState",
     "MGDAState",
@@ -50,6 +52,7 @@ __all__ = [
     "cagrad",
     "cr_mogm",
     "dualproj",
+    "fairgrad",
     "gradnorm",
     "imtl_g",
     "metabalance",

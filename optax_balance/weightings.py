@@ -12,6 +12,7 @@ from a Gramian you computed yourself::
 from optax_balance._gramian._aligned_mtl import aligned_mtl_weighting as aligned_mtl
 from optax_balance._gramian._cagrad import cagrad_weighting as cagrad
 from optax_balance._gramian._dualproj import dualproj_weighting as dualproj
+from optax_balance._gramian._fairgrad import fairgrad_weighting as fairgrad
 from optax_balance._gramian._imtl_g import imtl_g_weighting as imtl_g
 from optax_balance._gramian._mgda import mgda_weighting as mgda
 from optax_balance._gramian._nash_mtl import nash_mtl_weighting as nash_mtl
@@ -28,6 +29,7 @@ __all__ = [
     "cagrad",
     "cr_mogm",
     "dualproj",
+    "fairgrad",
     "gradnorm",
     "imtl_g",
     "metabalance",

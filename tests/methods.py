@@ -258,6 +258,19 @@ METHODS: list[Method] = [
         static=lambda t: {"num_tasks": t, "update_weights_every": 1, "optim_niter": 20},
         invalid=(({"max_norm": -1.0}, "`max_norm` must be in [0, inf)"),),
     ),
+    Method(
+        "fairgrad",
+        lambda t, **kw: ob.fairgrad(num_tasks=t, **kw),
+        non_conflicting=True,
+        factory=ob.fairgrad,
+        static=lambda t: {"num_tasks": t},
+        invalid=(
+            ({"alpha": -1.0}, "`alpha` must be in [0, inf)"),
+            ({"max_iters": 0}, "`max_iters` must be an integer in [1, inf)"),
+        ),
+        notes="g_i.d = w_i^(-1/alpha) > 0 at the solution; where none exists (opposite "
+        "gradients) the stopped solve leaves d orthogonal to them up to rounding",
+    ),
 ]
 
 METHOD_IDS = [m.name for m in METHODS]
