@@ -20,6 +20,7 @@ from optax_balance._gramian._fairgrad import FairGradState, fairgrad
 from optax_balance._gramian._imtl_g import IMTLGState, imtl_g
 from optax_balance._gramian._mgda import MGDAState, mgda
 from optax_balance._gramian._nash_mtl import NashMTLState, nash_mtl
+from optax_balance._gramian._pcd import PCDState, pcd
 from optax_balance._gramian._pcgrad import PCGradState, pcgrad
 from optax_balance._gramian._upgrad import UPGradState, upgrad
 from optax_balance._norm._balancer import BalancerState, balancer
@@ -42,6 +43,7 @@ __all__ = [
     "MGDAState",
     "MetaBalanceState",
     "NashMTLState",
+    "PCDState",
     "PCGradState",
     "Stats",
     "UPGradState",
@@ -58,6 +60,7 @@ __all__ = [
     "metabalance",
     "mgda",
     "nash_mtl",
+    "pcd",
     "pcgrad",
     "task_weights",
     "upgrad",

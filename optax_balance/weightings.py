@@ -16,6 +16,7 @@ from optax_balance._gramian._fairgrad import fairgrad_weighting as fairgrad
 from optax_balance._gramian._imtl_g import imtl_g_weighting as imtl_g
 from optax_balance._gramian._mgda import mgda_weighting as mgda
 from optax_balance._gramian._nash_mtl import nash_mtl_weighting as nash_mtl
+from optax_balance._gramian._pcd import pcd_weighting as pcd
 from optax_balance._gramian._pcgrad import pcgrad_weighting as pcgrad
 from optax_balance._gramian._upgrad import upgrad_weighting as upgrad
 from optax_balance._norm._balancer import balancer_weighting as balancer
@@ -35,6 +36,7 @@ __all__ = [
     "metabalance",
     "mgda",
     "nash_mtl",
+    "pcd",
     "pcgrad",
     "upgrad",
 ]

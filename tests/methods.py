@@ -271,6 +271,21 @@ METHODS: list[Method] = [
         notes="g_i.d = w_i^(-1/alpha) > 0 at the solution; where none exists (opposite "
         "gradients) the stopped solve leaves d orthogonal to them up to rounding",
     ),
+    Method(
+        "pcd",
+        lambda t, **kw: ob.pcd(num_tasks=t, **kw),
+        permutation_invariant=False,
+        factory=ob.pcd,
+        static=lambda t: {"num_tasks": t},
+        invalid=(
+            ({"tau": 1.5}, "`tau` must be in [0, 1]"),
+            ({"tau": [0.1, -0.1]}, "`tau` must be in [0, 1] (every entry)"),
+            ({"tau": [0.1, 0.2, 0.3]}, "built for 4 tasks"),
+            ({"beta": 1.0}, "`beta` must be in [0, 1)"),
+            ({"eps": -1.0}, "`eps` must be in [0, inf)"),
+        ),
+        notes="task 0 is primary: a secondary task opposed to it can reverse d against it",
+    ),
 ]
 
 METHOD_IDS = [m.name for m in METHODS]
