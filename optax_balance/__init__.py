@@ -23,6 +23,7 @@ from optax_balance._gramian._nash_mtl import NashMTLState, nash_mtl
 from optax_balance._gramian._pcd import PCDState, pcd
 from optax_balance._gramian._pcgrad import PCGradState, pcgrad
 from optax_balance._gramian._upgrad import UPGradState, upgrad
+from optax_balance._jacobian._excess_mtl import ExcessMTLState, excess_mtl
 from optax_balance._norm._balancer import BalancerState, balancer
 from optax_balance._norm._gradnorm import GradNormState, gradnorm
 from optax_balance._norm._metabalance import MetaBalanceState, metabalance
@@ -37,6 +38,7 @@ __all__ = [
     "CAGradState",
     "CRMOGMState",
     "DualProjState",
+    "ExcessMTLState",
     "FairGradState",
     "GradNormState",
     "IMTLGState",
@@ -54,6 +56,7 @@ __all__ = [
     "cagrad",
     "cr_mogm",
     "dualproj",
+    "excess_mtl",
     "fairgrad",
     "gradnorm",
     "imtl_g",

@@ -19,6 +19,7 @@ from optax_balance._gramian._nash_mtl import nash_mtl_weighting as nash_mtl
 from optax_balance._gramian._pcd import pcd_weighting as pcd
 from optax_balance._gramian._pcgrad import pcgrad_weighting as pcgrad
 from optax_balance._gramian._upgrad import upgrad_weighting as upgrad
+from optax_balance._jacobian._excess_mtl import excess_mtl_weighting as excess_mtl
 from optax_balance._norm._balancer import balancer_weighting as balancer
 from optax_balance._norm._gradnorm import gradnorm_weighting as gradnorm
 from optax_balance._norm._metabalance import metabalance_weighting as metabalance
@@ -30,6 +31,7 @@ __all__ = [
     "cagrad",
     "cr_mogm",
     "dualproj",
+    "excess_mtl",
     "fairgrad",
     "gradnorm",
     "imtl_g",

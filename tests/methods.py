@@ -272,6 +272,18 @@ METHODS: list[Method] = [
         "gradients) the stopped solve leaves d orthogonal to them up to rounding",
     ),
     Method(
+        "excess_mtl",
+        lambda t, **kw: ob.excess_mtl(num_tasks=t, **kw),
+        factory=ob.excess_mtl,
+        static=lambda t: {"num_tasks": t, "n_warmup_steps": 0},
+        invalid=(
+            ({"robust_step_size": 0.0}, "`robust_step_size` must be in (0, inf)"),
+            ({"n_warmup_steps": -1}, "`n_warmup_steps` must be an integer in [0, inf)"),
+        ),
+        stacked_init=False,
+        notes="weights on the simplex: a weighted mean, conflicts whenever tasks oppose",
+    ),
+    Method(
         "pcd",
         lambda t, **kw: ob.pcd(num_tasks=t, **kw),
         permutation_invariant=False,
