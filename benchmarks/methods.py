@@ -56,6 +56,9 @@ METHODS: list[BenchMethod] = [
     M("balancer", "balancer", "norm", kwargs=lambda t: {"weights": [1.0] * t}),
     M("gradnorm", "gradnorm", "norm", needs_losses=True),
     M("metabalance", "metabalance", "norm"),
+    M("fairgrad", "fairgrad", "gram", torchjd="FairGrad", torchjd_kwargs=lambda t: {"alpha": 1.0}),
+    M("excess_mtl", "excess_mtl", "gram", torchjd="ExcessMTL"),
+    M("pcd", "pcd", "gram", torchjd="PCD"),
 ]
 
 

@@ -4,7 +4,8 @@ The reference transcribes torchjd's ``ExcessMTLWeighting.forward``
 (``src/torchjd/aggregation/_excess_mtl.py``, SimplexLab/TorchJD at commit
 862baeda7dc5beef3731f75a23382427ad5db3ef, torchjd 0.17-0.18): squared gradients
 accumulated per coordinate, the excess risk ``sum g^2 / sqrt(S + 1e-7)``, the warmup and
-its baseline, the exponentiated-gradient step. The golden values are torchjd's own tests
+its baseline, the exponentiated-gradient step (torchjd 0.18 computes that step as a
+softmax in log space, the same number). The golden values are torchjd's own tests
 (``tests/unit/aggregation/test_excess_mtl.py``, same commit).
 """
 
