@@ -4,9 +4,10 @@ The reference transcribes torchjd's ``ExcessMTLWeighting.forward``
 (``src/torchjd/aggregation/_excess_mtl.py``, SimplexLab/TorchJD at commit
 862baeda7dc5beef3731f75a23382427ad5db3ef, torchjd 0.17-0.18): squared gradients
 accumulated per coordinate, the excess risk ``sum g^2 / sqrt(S + 1e-7)``, the warmup and
-its baseline, the exponentiated-gradient step (torchjd 0.18 computes that step as a
-softmax in log space, the same number). The golden values are torchjd's own tests
-(``tests/unit/aggregation/test_excess_mtl.py``, same commit).
+its baseline, the exponentiated-gradient step (as torchjd 0.18 computes it: a softmax of
+the log-weights plus the step, the same number as 0.17's product, without its overflow).
+The golden values are torchjd's own tests (``tests/unit/aggregation/test_excess_mtl.py``,
+same commit).
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ class TorchjdExcessMTL:
                 self.initial = w
         else:
             w = w / (self.initial + 1e-7)
-        weights = self.weights * np.exp(w * self.eta)
+        # torchjd 0.18: softmax(log(weights) + eta w) (0.17: weights * exp(eta w), normalised).
+        z = np.log(self.weights) + w * self.eta
+        weights = np.exp(z - z.max())
         self.weights = weights / weights.sum()
         return self.weights
 
@@ -159,6 +162,23 @@ def test_large_excess_stays_finite():
         w = np.asarray(s.weights)
         assert np.all(np.isfinite(w)) and abs(w.sum() - 1.0) < 1e-6
     np.testing.assert_allclose(np.asarray(states[0].weights), [1.0, 0.0, 0.0], atol=1e-6)
+
+
+def test_a_weight_below_float32_range_recovers():
+    """Step 1 pushes task 1 down by 150 nats (e^-150: 0 in float32); step 2 boosts it by
+    1e4. In exact arithmetic (the float64 reference) task 1 then takes over; a float32
+    weight that had underflowed to 0 would stay 0 for good. The log-weights keep it."""
+    j1 = np.zeros((2, I.N), np.float32)
+    j1[:, 0] = [150.0, 0.01]
+    j2 = np.zeros((2, I.N), np.float32)
+    j2[:, 1] = [1.0, 100.0]
+    _, states = _run(ob.excess_mtl(num_tasks=2), [j1, j2])
+    reference = TorchjdExcessMTL()
+    w1, w2 = reference(j1.astype(np.float64)), reference(j2.astype(np.float64))
+    assert w1[1] < 1e-60 and w2[1] > 0.999
+    assert float(states[0].weights[1]) == 0.0  # below float32's range ...
+    np.testing.assert_allclose(float(states[0].log_weights[1]), np.log(w1[1]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(states[1].weights), w2, atol=1e-6)  # ... and back
 
 
 def test_stats_sync_is_refused():

@@ -21,6 +21,9 @@ class ExcessMTLState(NamedTuple):
     Attributes:
       weights: ``(T,)`` the task weights on the simplex, applied in the last update
         (``1/T`` each until the warmup ends).
+      log_weights: ``(T,)`` their logarithms, which the update steps: a weight below
+        float32's range (a task the exponentiated step pushed down by more than ~100
+        nats) stays representable there and can come back, as in exact arithmetic.
       sq_grad_sum: the accumulated squared task gradients :math:`S`: a pytree with the
         params' structure, ``(T, *param.shape)`` on each statistic leaf and ``None``
         elsewhere (memory: one copy of the stacked gradients).
@@ -31,6 +34,7 @@ class ExcessMTLState(NamedTuple):
     """
 
     weights: jax.Array
+    log_weights: jax.Array
     sq_grad_sum: Any
     baseline: jax.Array
     warmup_sum: jax.Array
@@ -91,6 +95,7 @@ def excess_mtl_weighting(
         zero = jnp.zeros((t,), dt)
         return ExcessMTLState(
             weights=jnp.full((t,), 1.0 / max(t, 1), dt),
+            log_weights=jnp.full((t,), -np.log(max(t, 1)), dt),
             sq_grad_sum=jax.tree.map(zeros, params),
             baseline=zero,
             warmup_sum=zero,
@@ -134,12 +139,14 @@ def excess_mtl_weighting(
             base_now = excess
             scaled = jnp.where(first, excess, excess / (state.baseline + _BASE_EPS))
         baseline = jnp.where(first, base_now, state.baseline)
-        # w exp(eta E) / sum(.), in log space: finite for any finite E.
-        logits = jnp.log(state.weights) + robust_step_size * scaled
-        updated = jax.nn.softmax(logits)
-        weights = jnp.where(in_warmup, state.weights, updated)
+        # w exp(eta E) / sum(.), in log space: finite for any finite E, and no weight is
+        # lost to float32 underflow.
+        log_w = jax.nn.log_softmax(state.log_weights + robust_step_size * scaled)
+        log_w = jnp.where(in_warmup, state.log_weights, log_w)
+        weights = jnp.where(in_warmup, state.weights, jnp.exp(log_w))
         new_state = ExcessMTLState(
             weights=weights,
+            log_weights=log_w,
             sq_grad_sum=new_sum_tree,
             baseline=baseline,
             warmup_sum=jnp.where(in_warmup, state.warmup_sum + excess, state.warmup_sum),
@@ -184,9 +191,12 @@ def excess_mtl(
     step); during the first ``n_warmup_steps`` updates the weights stay :math:`1/T` and
     :math:`\hat E` is only collected, their mean becoming :math:`\hat E^0` (Appendix C.1
     recommends three epochs); with ``n_warmup_steps=0`` the first update's :math:`\hat E`
-    is the baseline and drives that update unnormalised. The update is computed in log
-    space (a softmax), which is the same number but finite for any finite
-    :math:`\hat E`. ``state.weights`` are the weights applied (on the simplex).
+    is the baseline and drives that update unnormalised. The update is computed on the
+    log-weights (``state.log_weights``, a log-softmax): the same numbers, finite for any
+    finite :math:`\hat E`, and a weight pushed below float32's range can still recover
+    (torchjd 0.18 takes the softmax of the log of its stored weights, in the gradients'
+    dtype, where such a weight stays 0 for good). ``state.weights`` are the weights
+    applied (on the simplex).
 
     State. :math:`S` is as large as the stacked gradients of the shared leaves
     (``(T, *param.shape)`` per leaf, float32, sharded like the params), so ``init``
