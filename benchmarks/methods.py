@@ -84,6 +84,9 @@ METHODS: list[BenchMethod] = [
         torchjd_kwargs=_tm,
         min_tasks=3,
     ),
+    M("fairgrad", "fairgrad", "gram", torchjd="FairGrad", torchjd_kwargs=lambda t: {"alpha": 1.0}),
+    M("excess_mtl", "excess_mtl", "gram", torchjd="ExcessMTL"),
+    M("pcd", "pcd", "gram", torchjd="PCD"),
 ]
 
 

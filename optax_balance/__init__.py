@@ -18,13 +18,16 @@ from optax_balance._gramian._aligned_mtl import AlignedMTLState, aligned_mtl
 from optax_balance._gramian._cagrad import CAGradState, cagrad
 from optax_balance._gramian._con_fig import ConFIGState, con_fig
 from optax_balance._gramian._dualproj import DualProjState, dualproj
+from optax_balance._gramian._fairgrad import FairGradState, fairgrad
 from optax_balance._gramian._gradvac import GradVacState, gradvac
 from optax_balance._gramian._imtl_g import IMTLGState, imtl_g
 from optax_balance._gramian._krum import KrumState, krum
 from optax_balance._gramian._mgda import MGDAState, mgda
 from optax_balance._gramian._nash_mtl import NashMTLState, nash_mtl
+from optax_balance._gramian._pcd import PCDState, pcd
 from optax_balance._gramian._pcgrad import PCGradState, pcgrad
 from optax_balance._gramian._upgrad import UPGradState, upgrad
+from optax_balance._jacobian._excess_mtl import ExcessMTLState, excess_mtl
 from optax_balance._jacobian._graddrop import GradDropState, graddrop
 from optax_balance._jacobian._trimmed_mean import TrimmedMeanState, trimmed_mean
 from optax_balance._norm._balancer import BalancerState, balancer
@@ -45,6 +48,8 @@ __all__ = [
     "ConFIGState",
     "ConflictStats",
     "DualProjState",
+    "ExcessMTLState",
+    "FairGradState",
     "GradDropState",
     "GradNormState",
     "GradVacState",
@@ -53,6 +58,7 @@ __all__ = [
     "MGDAState",
     "MetaBalanceState",
     "NashMTLState",
+    "PCDState",
     "PCGradState",
     "Stats",
     "TrimmedMeanState",
@@ -67,6 +73,8 @@ __all__ = [
     "conflict_stats",
     "cr_mogm",
     "dualproj",
+    "excess_mtl",
+    "fairgrad",
     "graddrop",
     "gradnorm",
     "gradvac",
@@ -75,6 +83,7 @@ __all__ = [
     "metabalance",
     "mgda",
     "nash_mtl",
+    "pcd",
     "pcgrad",
     "task_weights",
     "trimmed_mean",

@@ -13,13 +13,16 @@ from optax_balance._gramian._aligned_mtl import aligned_mtl_weighting as aligned
 from optax_balance._gramian._cagrad import cagrad_weighting as cagrad
 from optax_balance._gramian._con_fig import con_fig_weighting as con_fig
 from optax_balance._gramian._dualproj import dualproj_weighting as dualproj
+from optax_balance._gramian._fairgrad import fairgrad_weighting as fairgrad
 from optax_balance._gramian._gradvac import gradvac_weighting as gradvac
 from optax_balance._gramian._imtl_g import imtl_g_weighting as imtl_g
 from optax_balance._gramian._krum import krum_weighting as krum
 from optax_balance._gramian._mgda import mgda_weighting as mgda
 from optax_balance._gramian._nash_mtl import nash_mtl_weighting as nash_mtl
+from optax_balance._gramian._pcd import pcd_weighting as pcd
 from optax_balance._gramian._pcgrad import pcgrad_weighting as pcgrad
 from optax_balance._gramian._upgrad import upgrad_weighting as upgrad
+from optax_balance._jacobian._excess_mtl import excess_mtl_weighting as excess_mtl
 from optax_balance._jacobian._graddrop import graddrop_weighting as graddrop
 from optax_balance._jacobian._trimmed_mean import trimmed_mean_weighting as trimmed_mean
 from optax_balance._norm._balancer import balancer_weighting as balancer
@@ -34,6 +37,8 @@ __all__ = [
     "con_fig",
     "cr_mogm",
     "dualproj",
+    "excess_mtl",
+    "fairgrad",
     "graddrop",
     "gradnorm",
     "gradvac",
@@ -42,6 +47,7 @@ __all__ = [
     "metabalance",
     "mgda",
     "nash_mtl",
+    "pcd",
     "pcgrad",
     "trimmed_mean",
     "upgrad",

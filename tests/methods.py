@@ -52,6 +52,9 @@ class Method:
         ``ValueError`` whose message holds the fragment.
       conflict_slack: ``(J, |w|) -> (T,)`` extra tolerance on ``g_i . d`` for methods whose
         non-conflict holds up to a documented bound (UPGrad's and DualProj's ridge).
+      stacked_init: ``optax.MultiSteps`` can wrap it (its ``init`` hands the method the
+        stacked tree). False for a state shaped like the stacked gradients, built from the
+        params given to ``init``: ``update`` then raises a ``ValueError`` naming MultiSteps.
       notes: why a property is not claimed, or anything a reader of the suite should know.
       min_tasks: the smallest T the method accepts with the registry's hyperparameters
         (Krum, TrimmedMean: a ``ValueError`` below it); suites that run smaller T (the
@@ -73,6 +76,7 @@ class Method:
     static: Callable[[int], dict[str, Any]] | None = None
     invalid: tuple[tuple[dict[str, Any], str], ...] = ()
     conflict_slack: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    stacked_init: bool = True
     notes: str = ""
     min_tasks: int = 1
 
@@ -331,6 +335,46 @@ METHODS: list[Method] = [
         ),
         min_tasks=3,
         notes="a coordinate-wise median for T=3: conflicts whenever the majority opposes a task",
+    ),
+    Method(
+        "fairgrad",
+        lambda t, **kw: ob.fairgrad(num_tasks=t, **kw),
+        non_conflicting=True,
+        factory=ob.fairgrad,
+        static=lambda t: {"num_tasks": t},
+        invalid=(
+            ({"alpha": -1.0}, "`alpha` must be in [0, inf)"),
+            ({"max_iters": 0}, "`max_iters` must be an integer in [1, inf)"),
+        ),
+        notes="g_i.d = w_i^(-1/alpha) > 0 at the solution; where none exists (opposite "
+        "gradients) the stopped solve leaves d orthogonal to them up to rounding",
+    ),
+    Method(
+        "excess_mtl",
+        lambda t, **kw: ob.excess_mtl(num_tasks=t, **kw),
+        factory=ob.excess_mtl,
+        static=lambda t: {"num_tasks": t, "n_warmup_steps": 0},
+        invalid=(
+            ({"robust_step_size": 0.0}, "`robust_step_size` must be in (0, inf)"),
+            ({"n_warmup_steps": -1}, "`n_warmup_steps` must be an integer in [0, inf)"),
+        ),
+        stacked_init=False,
+        notes="weights on the simplex: a weighted mean, conflicts whenever tasks oppose",
+    ),
+    Method(
+        "pcd",
+        lambda t, **kw: ob.pcd(num_tasks=t, **kw),
+        permutation_invariant=False,
+        factory=ob.pcd,
+        static=lambda t: {"num_tasks": t},
+        invalid=(
+            ({"tau": 1.5}, "`tau` must be in [0, 1]"),
+            ({"tau": [0.1, -0.1]}, "`tau` must be in [0, 1] (every entry)"),
+            ({"tau": [0.1, 0.2, 0.3]}, "built for 4 tasks"),
+            ({"beta": 1.0}, "`beta` must be in [0, 1)"),
+            ({"eps": -1.0}, "`eps` must be in [0, inf)"),
+        ),
+        notes="task 0 is primary: a secondary task opposed to it can reverse d against it",
     ),
 ]
 

@@ -165,8 +165,8 @@ def test_shard_map_exact_equals_one_device(method):
 
 @pytest.mark.parametrize("method", PARAMS)
 def test_shard_map_stats_identical_on_every_device(method):
-    if "grads" in method.make(T).weighting.needs:
-        # GradDrop, TrimmedMean: the stacked gradients are what they read, which a
+    if "grads" in make_tx(method).weighting.needs:
+        # GradDrop, TrimmedMean, ExcessMTL: the stacked gradients are what they read, which a
         # statistics-only sync does not average; the core refuses it at construction.
         with pytest.raises(ValueError, match="sync='stats' does not average"):
             make_tx(method, axis_name="data", sync="stats")
