@@ -40,7 +40,7 @@ from optax_balance._core._stats import (
     stats_from_gram,
     sync_stats,
 )
-from optax_balance._core._transform import BalancedTransform, balance
+from optax_balance._core._transform import BalancedTransform, balance, grads_finite, loss_stats
 from optax_balance._core._tree import (
     check_losses,
     is_stacked,
@@ -72,12 +72,14 @@ __all__ = [
     "combine_leaf",
     "compute_stats",
     "gramian",
+    "grads_finite",
     "guarded_weigh",
     "is_concrete",
     "is_stacked",
     "is_traced",
     "leaf_gram",
     "leaf_sq_norms",
+    "loss_stats",
     "num_tasks_of",
     "resolve_mask",
     "safe_inverse",
