@@ -21,10 +21,22 @@ from optax_balance._gramian._mgda import MGDAState, mgda
 from optax_balance._gramian._nash_mtl import NashMTLState, nash_mtl
 from optax_balance._gramian._pcgrad import PCGradState, pcgrad
 from optax_balance._gramian._upgrad import UPGradState, upgrad
+from optax_balance._loss._cosmos import COSMOSState, cosmos
+from optax_balance._loss._dwa import DWAState, dwa
+from optax_balance._loss._famo import FAMOState, famo
+from optax_balance._loss._gls import GLSState, gls
+from optax_balance._loss._imtl_l import IMTLLState, imtl_l
+from optax_balance._loss._linear import ConstantState, constant, mean
+from optax_balance._loss._linear import sum_ as sum  # ob.sum (the builtin is shadowed here only)
+from optax_balance._loss._pbi import PBIState, pbi
+from optax_balance._loss._rlw import RLWState, rlw
+from optax_balance._loss._stch import STCHState, stch
+from optax_balance._loss._uw import UWState, uw
 from optax_balance._norm._balancer import BalancerState, balancer
 from optax_balance._norm._gradnorm import GradNormState, gradnorm
 from optax_balance._norm._metabalance import MetaBalanceState, metabalance
 from optax_balance._representation import value_and_balanced_grad
+from optax_balance._weighted_loss import weighted_loss
 from optax_balance._wrappers._cr_mogm import CRMOGMState, cr_mogm
 
 __version__ = "0.1.0"
@@ -33,32 +45,55 @@ __all__ = [
     "AlignedMTLState",
     "BalancerState",
     "CAGradState",
+    "COSMOSState",
     "CRMOGMState",
+    "ConstantState",
+    "DWAState",
     "DualProjState",
+    "FAMOState",
+    "GLSState",
     "GradNormState",
     "IMTLGState",
+    "IMTLLState",
     "MGDAState",
     "MetaBalanceState",
     "NashMTLState",
+    "PBIState",
     "PCGradState",
+    "RLWState",
+    "STCHState",
     "Stats",
     "UPGradState",
+    "UWState",
     "Weighting",
     "aligned_mtl",
     "balance",
     "balancer",
     "cagrad",
+    "constant",
+    "cosmos",
     "cr_mogm",
     "dualproj",
+    "dwa",
+    "famo",
+    "gls",
     "gradnorm",
     "imtl_g",
+    "imtl_l",
+    "mean",
     "metabalance",
     "mgda",
     "nash_mtl",
+    "pbi",
     "pcgrad",
+    "rlw",
+    "stch",
+    "sum",
     "task_weights",
     "upgrad",
+    "uw",
     "value_and_balanced_grad",
     "value_and_task_grads",
+    "weighted_loss",
     "weightings",
 ]

@@ -17,6 +17,18 @@ from optax_balance._gramian._mgda import mgda_weighting as mgda
 from optax_balance._gramian._nash_mtl import nash_mtl_weighting as nash_mtl
 from optax_balance._gramian._pcgrad import pcgrad_weighting as pcgrad
 from optax_balance._gramian._upgrad import upgrad_weighting as upgrad
+from optax_balance._loss._cosmos import cosmos_weighting as cosmos
+from optax_balance._loss._dwa import dwa_weighting as dwa
+from optax_balance._loss._famo import famo_weighting as famo
+from optax_balance._loss._gls import gls_weighting as gls
+from optax_balance._loss._imtl_l import imtl_l_weighting as imtl_l
+from optax_balance._loss._linear import constant_weighting as constant
+from optax_balance._loss._linear import mean_weighting as mean
+from optax_balance._loss._linear import sum_weighting as sum  # ob.weightings.sum
+from optax_balance._loss._pbi import pbi_weighting as pbi
+from optax_balance._loss._rlw import rlw_weighting as rlw
+from optax_balance._loss._stch import stch_weighting as stch
+from optax_balance._loss._uw import uw_weighting as uw
 from optax_balance._norm._balancer import balancer_weighting as balancer
 from optax_balance._norm._gradnorm import gradnorm_weighting as gradnorm
 from optax_balance._norm._metabalance import metabalance_weighting as metabalance
@@ -26,13 +38,25 @@ __all__ = [
     "aligned_mtl",
     "balancer",
     "cagrad",
+    "constant",
+    "cosmos",
     "cr_mogm",
     "dualproj",
+    "dwa",
+    "famo",
+    "gls",
     "gradnorm",
     "imtl_g",
+    "imtl_l",
+    "mean",
     "metabalance",
     "mgda",
     "nash_mtl",
+    "pbi",
     "pcgrad",
+    "rlw",
+    "stch",
+    "sum",
     "upgrad",
+    "uw",
 ]
