@@ -7,8 +7,9 @@ markdown tables and writes them, with the machine's description, to
 * ``BENCH_QUICK=1``: a smoke run (one small size, few repeats), written to
   ``benchmarks/RESULTS.quick.md`` unless ``BENCH_OUT`` says otherwise.
 * ``BENCH_METHODS=mgda,upgrad``: only these methods (names from ``benchmarks/methods.py``).
-* ``BENCH_SECTIONS=agg,step,compile,kernels``: only these sections (``agg`` includes the
-  torchjd comparison, which runs on the same stacked gradients, interleaved).
+* ``BENCH_SECTIONS=agg,step,compile,kernels,loss``: only these sections (``agg`` includes
+  the torchjd comparison, which runs on the same stacked gradients, interleaved; ``loss``
+  is ``benchmarks/loss_cost.py``, the loss-based methods' one-backward step).
 * ``BENCH_OUT=path``: where to write the markdown.
 
 Timing: every figure is the median of repeated calls after two warm-up calls, each call
@@ -35,7 +36,7 @@ import numpy as np
 import optax
 
 import optax_balance as ob
-from benchmarks import gram_kernels
+from benchmarks import gram_kernels, loss_cost
 from benchmarks.methods import BenchMethod, select
 
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
@@ -557,7 +558,9 @@ def machine() -> str:
 
 def main() -> int:
     sections = set(
-        (os.environ.get("BENCH_SECTIONS") or "agg,step,compile,kernels").replace(" ", "").split(",")
+        (os.environ.get("BENCH_SECTIONS") or "agg,step,compile,kernels,loss")
+        .replace(" ", "")
+        .split(",")
     )
     methods, notes = select(os.environ.get("BENCH_METHODS"))
     out = os.environ.get("BENCH_OUT") or os.path.join(
@@ -583,6 +586,8 @@ def main() -> int:
         bench_compile(methods, rep)
     if "kernels" in sections and not QUICK:
         gram_kernels.section(rep, THREADS)
+    if "loss" in sections:  # loss-based methods: one backward pass against the plain sum
+        loss_cost.section(rep, quick=QUICK, names=os.environ.get("BENCH_METHODS"))
     rep.add("## GPU")
     if BACKEND == "cpu":
         rep.add(
