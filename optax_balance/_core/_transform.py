@@ -78,8 +78,8 @@ def grads_finite(updates: PyTree, stat_mask: PyTree, axis_name: Any = None) -> A
     """Whether every gradient leaf where ``stat_mask`` is True is finite, on every device.
 
     A loss-based weighting never reads the gradients, so its guard would not see a NaN
-    there; the transformation passes this flag to the guard instead, so that a step with
-    non-finite shared gradients keeps the state as it does for every other method.
+    in the stacked gradients it combines; the transformation passes this flag to the
+    guard instead, so that such a step keeps the state as it does for every other method.
     """
     leaves = [g for g, m in zip(jax.tree.leaves(updates), jax.tree.leaves(stat_mask)) if m]
     ok = all_finite(leaves)
@@ -121,8 +121,11 @@ def balance(
     ``update`` then returns it unchanged and advances the state (see
     :func:`optax_balance.weighted_loss`); stacked and ordinary gradients are told apart
     from ``params``' shapes (without ``params``, from the losses' length where only one
-    reading fits, else a ``ValueError`` asks for ``params``). Such a weighting never reads
-    the gradients, so its guard also checks that the shared gradient leaves are finite.
+    reading fits, else a ``ValueError`` asks for ``params``). On stacked gradients, which
+    such a weighting combines but never reads, its guard also checks that the shared
+    leaves are finite; an ordinary gradient is passed through unread (a non-finite one is
+    left to ``optax.apply_if_finite`` downstream: the state, advanced from the losses
+    alone, cannot be poisoned by it), so the one-backward step costs no extra pass.
 
     Args:
       weighting: the :class:`optax_balance.Weighting` to apply.
@@ -219,8 +222,8 @@ def balance(
         losses: Any = extra_args.get("task_losses")
         stats = loss_stats(weighting, losses, extra_args, num_tasks=t_cfg, axis_name=axis_name)
         state = ready_state(state, int(np.shape(losses)[0]), params)
-        ok = grads_finite(updates, masks(params if params is not None else updates)[1], axis_name)
-        _, new_state = guarded_weigh(weighting, stats, state, ok)
+        # The gradient is not read: the weights come from the losses, which the guard checks.
+        _, new_state = guarded_weigh(weighting, stats, state)
         if axis_name is not None and sync == "grads":
             updates = _pmean(updates, axis_name)
         return updates, new_state
