@@ -133,10 +133,11 @@ def weighted_loss(
     from ``task_losses`` and that state exactly as the method's ``update`` computes them
     (losses averaged over the method's ``axis_name`` first, the same non-finite guard),
     and ``update`` is then called on the gradient of this loss (an ordinary, unstacked
-    gradient) with the same ``task_losses``: it returns the gradient unchanged and
-    advances the state, whose ``weights`` are the weights used here. The exception is a
-    step whose gradient turns out non-finite: ``update`` then keeps the previous state
-    (the policy of every method), weights included.
+    gradient) with the same ``task_losses``: it returns the gradient unchanged, without
+    reading it, and advances the state, whose ``weights`` are the weights used here. A
+    step with non-finite losses keeps the previous state, and weighs with the previous
+    weights here too; a non-finite gradient is left to ``optax.apply_if_finite``
+    downstream (the state never reads it).
 
     Under ``optax.MultiSteps`` the state advances once every k micro-steps (with the last
     micro-step's losses); the micro-steps in between weigh their losses with that state.

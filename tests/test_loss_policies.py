@@ -1,10 +1,12 @@
 """What the loss-based methods do with losses they cannot take, and with ambiguous input.
 
 The documented policies: GLS needs every loss > 0 and FAMO every loss > its bound b
-(minus FAMO's 1e-8); a step that breaks that, or has a non-finite loss, gradient or
+(minus FAMO's 1e-8); a step that breaks that, or has a non-finite loss or
 ``losses_after``, keeps the whole state and its weights are the previous ones, in
-``update`` and ``weighted_loss`` alike. UW/IMTL-L assume positive losses: a negative one
-drives the learned parameter without bound, until the guard freezes it, finite. DWA gives
+``update`` and ``weighted_loss`` alike. A non-finite gradient keeps the state on the
+stacked path (which combines it) and is passed through unread on the one-backward path.
+UW/IMTL-L assume positive losses: a negative one drives the learned parameter without
+bound, until the guard freezes it, finite. DWA gives
 a task whose previous period averaged exactly 0 the rate 1; COSMOS takes the cosine's
 gradient as 0 at L = 0. Without ``params``, ``update`` tells stacked from ordinary
 gradients only where one reading is impossible, else it asks for ``params``.
@@ -123,18 +125,26 @@ def test_cosmos_at_zero_losses_weighs_by_the_preference():
     np.testing.assert_allclose(state.weights, [0.2, 0.8], rtol=1e-6)
 
 
-def test_nonfinite_ordinary_gradient_keeps_the_state():
+def test_nonfinite_gradients_ordinary_passed_unread_stacked_keep_the_state():
     tx = ob.famo(2)
     _, state = _step(tx, tx.init(P), [1.0, 2.0])
+    # The one-backward path does not read the gradient: the state advances from the
+    # (finite) losses exactly as with a finite gradient; the NaN stays visible downstream.
     out, new = _step(tx, state, [0.5, 2.0], grad=jnp.array([1.0, NAN]))
-    assert _same(new, state) and np.isnan(np.asarray(out)[1])  # visible to apply_if_finite
-    # With shared=, only the shared leaves count: a NaN in a head passes, the state moves.
+    _, clean = _step(tx, state, [0.5, 2.0])
+    assert _same(new, clean) and not _same(new, state) and np.isnan(np.asarray(out)[1])
+    # Stacked gradients are combined: a NaN in a shared leaf keeps the state (as every
+    # method does), a NaN in a task-specific leaf does not.
     tx = ob.famo(2, shared={"trunk": True, "head": False})
     p = {"trunk": jnp.zeros(2), "head": jnp.zeros(2)}
     s0 = tx.init(p)
-    g = {"trunk": jnp.ones(2), "head": jnp.array([NAN, 0.0])}
-    _, s1 = tx.update(g, s0, p, task_losses=jnp.array([1.0, 2.0]))
+    losses = jnp.array([1.0, 2.0])
+    _, s1 = tx.update({"trunk": jnp.ones((2, 2)), "head": jnp.full((2, 2), NAN)}, s0, p,
+                      task_losses=losses)  # fmt: skip
     assert bool(s1.has_prev)
+    _, s2 = tx.update({"trunk": jnp.full((2, 2), NAN), "head": jnp.ones((2, 2))}, s0, p,
+                      task_losses=losses)  # fmt: skip
+    assert _same(s2, s0)
 
 
 def test_update_tells_stacked_from_ordinary_without_params():
