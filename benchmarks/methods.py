@@ -88,6 +88,11 @@ METHODS: list[BenchMethod] = [
     M("excess_mtl", "excess_mtl", "gram", torchjd="ExcessMTL"),
     M("pcd", "pcd", "gram", torchjd="PCD"),
 ]
+# The loss-based methods (ob.famo, ob.uw, ob.dwa, ...) are not listed: on stacked
+# gradients their `update` is the floor itself (one pass, weights from T losses), their
+# point is the one-backward train step, which benchmarks/loss_cost.py times against the
+# plain summed loss, and torchjd's counterparts are scalarizers of the losses, not
+# aggregators of a Jacobian.
 
 
 def select(names: str | None) -> tuple[list[BenchMethod], list[str]]:

@@ -10,9 +10,10 @@ Environment variables:
 * ``BENCH_QUICK=1``: a smoke run (one small size, few repeats), written to
   ``benchmarks/RESULTS.quick.md`` unless ``BENCH_OUT`` says otherwise.
 * ``BENCH_METHODS=mgda,upgrad``: only these methods (names from ``benchmarks/methods.py``).
-* ``BENCH_SECTIONS=agg,step,memory,compile,kernels,lowmem``: only these sections
+* ``BENCH_SECTIONS=agg,step,memory,compile,kernels,lowmem,loss``: only these sections
   (``agg`` includes the torchjd comparison, which runs on the same stacked gradients;
-  ``lowmem`` is ``benchmarks/lowmem.py``, ``ob.value_and_weighted_grad``'s memory); the
+  ``lowmem`` is ``benchmarks/lowmem.py``, ``ob.value_and_weighted_grad``'s memory;
+  ``loss`` is ``benchmarks/loss_cost.py``, the loss-based methods' one-backward step); the
   names are the keys of ``SECTIONS`` below.
 * ``BENCH_OUT=path``: where to write the markdown.
 
@@ -46,7 +47,7 @@ import numpy as np
 import optax
 
 import optax_balance as ob
-from benchmarks import gram_kernels
+from benchmarks import gram_kernels, loss_cost
 from benchmarks.methods import BenchMethod, select
 
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
@@ -757,6 +758,10 @@ SECTIONS: dict[str, Callable[[list[BenchMethod], Report], None]] = {
     "compile": bench_compile,
     "kernels": bench_kernels,
     "lowmem": lambda methods, rep: _lowmem_section(rep),
+    # Loss-based methods: one backward pass against the plain summed loss.
+    "loss": lambda methods, rep: loss_cost.section(
+        rep, quick=QUICK, names=os.environ.get("BENCH_METHODS")
+    ),
 }
 
 

@@ -25,6 +25,18 @@ from optax_balance._gramian._upgrad import upgrad_weighting as upgrad
 from optax_balance._jacobian._excess_mtl import excess_mtl_weighting as excess_mtl
 from optax_balance._jacobian._graddrop import graddrop_weighting as graddrop
 from optax_balance._jacobian._trimmed_mean import trimmed_mean_weighting as trimmed_mean
+from optax_balance._loss._cosmos import cosmos_weighting as cosmos
+from optax_balance._loss._dwa import dwa_weighting as dwa
+from optax_balance._loss._famo import famo_weighting as famo
+from optax_balance._loss._gls import gls_weighting as gls
+from optax_balance._loss._imtl_l import imtl_l_weighting as imtl_l
+from optax_balance._loss._linear import constant_weighting as constant
+from optax_balance._loss._linear import mean_weighting as mean
+from optax_balance._loss._linear import sum_weighting as sum  # ob.weightings.sum
+from optax_balance._loss._pbi import pbi_weighting as pbi
+from optax_balance._loss._rlw import rlw_weighting as rlw
+from optax_balance._loss._stch import stch_weighting as stch
+from optax_balance._loss._uw import uw_weighting as uw
 from optax_balance._norm._balancer import balancer_weighting as balancer
 from optax_balance._norm._gradnorm import gradnorm_weighting as gradnorm
 from optax_balance._norm._metabalance import metabalance_weighting as metabalance
@@ -35,20 +47,32 @@ __all__ = [
     "balancer",
     "cagrad",
     "con_fig",
+    "constant",
+    "cosmos",
     "cr_mogm",
     "dualproj",
+    "dwa",
     "excess_mtl",
     "fairgrad",
+    "famo",
+    "gls",
     "graddrop",
     "gradnorm",
     "gradvac",
     "imtl_g",
+    "imtl_l",
     "krum",
+    "mean",
     "metabalance",
     "mgda",
     "nash_mtl",
+    "pbi",
     "pcd",
     "pcgrad",
+    "rlw",
+    "stch",
+    "sum",
     "trimmed_mean",
     "upgrad",
+    "uw",
 ]

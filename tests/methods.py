@@ -378,4 +378,59 @@ METHODS: list[Method] = [
     ),
 ]
 
+# Loss-based methods (issue 14): weights from the losses alone, so they are unchanged by
+# any scaling of the gradients (homogeneous, scale-invariant weights) and the output is a
+# weighted sum of the gradients, which conflicts whenever tasks oppose.
+_LOSS = dict(needs_losses=True, homogeneous=True, scale_invariant_weights=True)
+_LOSS_NOTE = "weights from the losses alone: a weighted sum, conflicts whenever tasks oppose"
+
+
+def _ramp(t: int) -> list[float]:
+    return [1.0 + i / max(t - 1, 1) for i in range(t)]
+
+
+_BAD_OPT = ({"weight_optimizer": "adam"}, "`weight_optimizer` must be an optax")
+METHODS += [
+    Method("mean", lambda t, **kw: ob.mean(num_tasks=t, **kw), **_LOSS, factory=ob.mean,
+           static=lambda t: {"num_tasks": t}, notes=_LOSS_NOTE),
+    Method("sum", lambda t, **kw: ob.sum(num_tasks=t, **kw), **_LOSS, factory=ob.sum,
+           static=lambda t: {"num_tasks": t}, notes=_LOSS_NOTE),
+    Method("constant", lambda t, **kw: ob.constant(_ramp(t), **kw), **_LOSS,
+           permutation_invariant=False, factory=ob.constant,
+           static=lambda t: {"weights": _ramp(t)},
+           invalid=(({"weights": [1.0, -1.0]}, "`weights` must be finite and >= 0"),),
+           notes="weights 1..2 by position, so permuting the tasks changes the method"),
+    Method("rlw", lambda t, **kw: ob.rlw(num_tasks=t, **kw), **_LOSS, stochastic=True,
+           permutation_invariant=False, factory=ob.rlw,
+           static=lambda t: {"num_tasks": t, "seed": 0},
+           notes="random weights per step (by position, from the key in the state)"),
+    Method("uw", lambda t, **kw: ob.uw(t, **kw), **_LOSS, factory=ob.uw,
+           static=lambda t: {"num_tasks": t},
+           invalid=(({"init": float("nan")}, "`init` must be in"), _BAD_OPT),
+           notes=_LOSS_NOTE),
+    Method("imtl_l", lambda t, **kw: ob.imtl_l(t, **kw), **_LOSS, factory=ob.imtl_l,
+           static=lambda t: {"num_tasks": t}, invalid=(_BAD_OPT,), notes=_LOSS_NOTE),
+    Method("dwa", lambda t, **kw: ob.dwa(num_tasks=t, **kw), **_LOSS, factory=ob.dwa,
+           static=lambda t: {"num_tasks": t, "every": 1},
+           invalid=(({"temperature": 0.0}, "`temperature` must be in (0, inf)"),
+                    ({"every": 0}, "`every` must be an integer in [1, inf)")),
+           notes=_LOSS_NOTE),
+    Method("gls", lambda t, **kw: ob.gls(num_tasks=t, **kw), **_LOSS, factory=ob.gls,
+           static=lambda t: {"num_tasks": t}, notes=_LOSS_NOTE),
+    Method("famo", lambda t, **kw: ob.famo(t, **kw), **_LOSS, factory=ob.famo,
+           static=lambda t: {"num_tasks": t},
+           invalid=(({"lr": -1.0}, "`lr` must be in [0, inf)"),
+                    ({"min_losses": [0.0, 0.0]}, "`min_losses` has 2 entries")),
+           notes=_LOSS_NOTE),
+    Method("stch", lambda t, **kw: ob.stch(mu=0.5, num_tasks=t, **kw), **_LOSS,
+           factory=ob.stch, static=lambda t: {"mu": 0.5, "num_tasks": t},
+           invalid=(({"mu": 0.0}, "`mu` must be in (0, inf)"),), notes=_LOSS_NOTE),
+    Method("cosmos", lambda t, **kw: ob.cosmos(lambda_=0.1, weights=[1.0] * t, **kw), **_LOSS,
+           factory=ob.cosmos, static=lambda t: {"lambda_": 0.1, "weights": [1.0] * t},
+           invalid=(({"lambda_": -1.0}, "`lambda_` must be in [0, inf)"),), notes=_LOSS_NOTE),
+    Method("pbi", lambda t, **kw: ob.pbi(theta=1.0, weights=[1.0] * t, **kw), **_LOSS,
+           factory=ob.pbi, static=lambda t: {"theta": 1.0, "weights": [1.0] * t},
+           invalid=(({"theta": -1.0}, "`theta` must be in [0, inf)"),), notes=_LOSS_NOTE),
+]  # fmt: skip
+
 METHOD_IDS = [m.name for m in METHODS]

@@ -214,7 +214,9 @@ def test_multisteps_balances_the_mean_gradient(m):
     js = [J0, J1, I.rand_j(3, T)]
     ls = [L0, 2.0 * L0, 0.5 * L0]
 
-    update = jax.jit(lambda g, s, losses: ms.update(g, s, None, task_losses=losses))
+    # params tell stacked from ordinary gradients for the loss-based methods, whose update
+    # takes both (here every leaf's leading axis is T, so without params both readings fit).
+    update = jax.jit(lambda g, s, losses: ms.update(g, s, I.params(), task_losses=losses))
     s, outs = ms.init(stacked_like), []
     for j, losses in zip(js, ls):
         o, s = update(I.tree(j), s, losses)

@@ -236,8 +236,9 @@ def test_task_specific_leaf_summed_and_nan_there(m):
     summed leaf is NaN, which ``optax.apply_if_finite`` after the method sees.
     """
     tx = m.make(T, shared={"bias": False, "dense": True})
+    p = I.params()  # tells the loss-based methods these are stacked gradients
     step = jax.jit(
-        jax.vmap(lambda g, s, losses: tx.update(g, s, None, task_losses=losses), (0, None, 0))
+        jax.vmap(lambda g, s, losses: tx.update(g, s, p, task_losses=losses), (0, None, 0))
     )
     nan_in_bias = J0.copy()
     nan_in_bias[1, 0] = np.nan
