@@ -133,3 +133,8 @@ def test_multi_digits_fast() -> None:
         assert abs(mean - (left + right) / 2) < 2e-3, (name, out)
     # 60 steps are enough to beat chance (0.1) on the task each method favours.
     assert all(max(r[:2]) > 0.2 for r in rows.values()), out
+    # Loss-based methods (one backward pass) in the same table, with the time per step.
+    for name in ("UW", "IMTL-L", "FAMO", "GLS", "DWA", "RLW"):
+        m = re.search(rf"^{name}\s+([0-9.]+)\s+([0-9.]+)\s+[0-9.]+\s+losses\s+([0-9.]+)", out, re.M)
+        assert m and max(float(m[1]), float(m[2])) > 0.2 and float(m[3]) > 0, (name, out)
+    assert re.search(r"^MGDA\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+\s+grads\s+[0-9.]+", out, re.M), out

@@ -145,3 +145,21 @@ def test_readme_accumulation_and_aggregation_section_runs_verbatim(capsys):
     assert "task weights" in capsys.readouterr().out
     weights = np.asarray(ob.task_weights(namespace["opt_state"]))
     assert weights.shape == (3,) and np.all(np.isfinite(weights))
+
+
+def test_readme_loss_based_section_runs_verbatim_and_balances(capsys):
+    (block,) = _section_blocks("Loss-based methods: one backward pass")
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
+    assert "task weights" in capsys.readouterr().out
+    rel = np.asarray(namespace["losses"] / namespace["first"])
+    assert rel.shape == (3,) and np.all(rel < 1 / 30), rel  # the README's claim
+    w = np.asarray(namespace["ob"].task_weights(namespace["opt_state"]))
+    assert abs(w.sum() - 1.0) < 1e-5  # FAMO's weights: a convex combination
+    # The README's comparison: the plain sum (weights 1) leaves task 0 at about half.
+    plain = block.replace("ob.famo(num_tasks=3)", "ob.sum(num_tasks=3)")
+    assert plain != block
+    namespace = {}
+    exec(compile(plain, str(README), "exec"), namespace)  # noqa: S102
+    rel = np.asarray(namespace["losses"] / namespace["first"])
+    assert 0.3 < rel[0] < 0.7 and rel[2] < 1 / 30, rel

@@ -41,6 +41,9 @@ class Stats(NamedTuple):
         and ``None`` elsewhere (``"grads"``), for methods that are not functions of a
         Gramian (GradDrop, coordinate-wise aggregators, methods with gradient-sized state).
       losses: ``(T,)`` task losses (``"losses"``).
+      extra: the per-task ``(T,)`` vectors that ``update`` received as the keywords named
+        in the weighting's ``extra_args`` (FAMO's ``losses_after``), as a dict from name
+        to array holding only those given (``None`` when the weighting names none).
     """
 
     gram: Array | None = None
@@ -50,6 +53,7 @@ class Stats(NamedTuple):
     leaf_gram: PyTree = None
     grads: PyTree = None
     losses: Array | None = None
+    extra: dict[str, Array] | None = None
 
     @property
     def num_tasks(self) -> int:
