@@ -29,7 +29,8 @@ extensions = [
     "sphinx.ext.mathjax",
 ]
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
-exclude_patterns = ["_build"]
+# Pages included by others (not documents of their own).
+exclude_patterns = ["_build", "_concepts_intro.md", "_generated/which_method_table.md"]
 myst_enable_extensions = ["dollarmath"]
 myst_heading_anchors = 3
 
@@ -60,10 +61,20 @@ PAGES: dict[str, tuple[str, str, list[str]]] = {
     "methods_table": ("The methods", "", ["Methods"]),
     "concepts": (
         "Concepts",
-        "How the library sees a multi-task step: the data it takes, the state it keeps, "
-        "and the ways to run a method (stacked gradients, the losses alone, the memory of "
-        "one gradient, a shared representation, many devices).",
+        (HERE / "_concepts_intro.md").read_text(),
         [],  # filled below: every section not placed elsewhere, in README order
+    ),
+    "guides": (
+        "Guides",
+        "Using a method with Flax, logging and checkpointing it, accumulating gradients, "
+        "and the mistakes the library catches.",
+        [
+            "Flax NNX",
+            "Logging task weights",
+            "Checkpointing",
+            "Gradient accumulation and optax's aggregation API",
+            "Common mistakes",
+        ],
     ),
     "examples": ("Examples", "", ["Examples"]),
     "benchmarks": ("Benchmarks", "", ["Benchmarks"]),
@@ -92,6 +103,7 @@ def _rewrite(body: str, where: dict[str, str], page: str) -> str:
             return f"[{text}]({target})" if home == page else f"[{text}]({home}.md{target})"
         return f"{text} (`{target}`)" if text.strip("`") != target else f"`{target}`"
 
+    body = re.sub(r"!\[([^\]]*)\]\(docs/([^)\s]+)\)", r"![\1](../\2)", body)
     return re.sub(r"(?<!!)\[([^\]]+)\]\(([^)\s]+)\)", link, body)
 
 
@@ -115,6 +127,9 @@ def write_guide_pages() -> None:
                 where[_slug(sub)] = page
     out = HERE / "_generated"
     out.mkdir(exist_ok=True)
+    for stale in out.iterdir():  # pages an older conf.py wrote must not linger as documents
+        if stale.is_file():
+            stale.unlink()
     bodies = dict(sections)
     for page, (title, intro, names) in PAGES.items():
         text = [f"# {title}\n", intro + "\n" if intro else ""]
@@ -200,55 +215,54 @@ write_api_page()
 
 
 # --------------------------------------------------------------------------------------
-# The properties table of "Which method", from the test registry (tests/methods.py): the
-# same flags the property suite checks, so the page claims what the tests verify.
+# The "Which method" table, from the test registry (tests/methods.py), the public
+# weightings' `needs` and benchmarks/RESULTS.md (docs/_method_guide.py): a method in the
+# registry or in `ob.weightings` without a row fails the build.
 # --------------------------------------------------------------------------------------
 
-
-def _needs_text(needs: tuple[str, ...]) -> str:
-    if needs == ("losses",):
-        return "losses only"
-    parts = []
-    if "cross_gram" in needs:
-        parts.append("two batches' Gramian")
-    if "gram" in needs:
-        parts.append("Gramian")
-    if "leaf_gram" in needs:
-        parts.append("per-leaf Gramians")
-    if {"sq_norms", "item_sq_norms"} & set(needs):
-        parts.append("norms")
-    if "leaf_sq_norms" in needs:
-        parts.append("per-leaf norms")
-    if "grads" in needs:
-        parts.append("stacked gradients")
-    if "losses" in needs:
-        parts.append("losses")
-    return " + ".join(parts)
+_SECTION_TITLES = {
+    "losses only": "Losses only: one backward pass",
+    "gradient norms": "Gradient norms: T backward passes",
+    "Gramian": "The Gramian: T backward passes",
+    "two batches": "Two mini-batches: 2T backward passes",
+    "stacked gradients": "The stacked gradients themselves: T backward passes",
+    "wrappers": "Wrappers",
+}
 
 
-def write_properties_table() -> None:
+def write_which_method_table() -> None:
     import sys
 
-    sys.path.insert(0, str(HERE.parent))
-    from tests.methods import METHODS
+    sys.path.insert(0, str(HERE))
+    import _method_guide
 
-    yes = "yes"
-    rows = [
-        "| registry entry | reads | non-conflicting | permutation-invariant | "
-        "homogeneous | per-task scale-invariant | random |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for m in METHODS:
-        tx = m.make(3) if getattr(m, "min_tasks", 1) <= 3 else m.make(m.min_tasks)
-        needs = tx.weighting.needs
-        scale = "weights" if m.scale_invariant_weights else ""
-        scale = "output" if m.scale_invariant_output else scale
-        rows.append(
-            f"| `{m.name}` | {_needs_text(needs)} | {yes if m.non_conflicting else ''} | "
-            f"{yes if m.permutation_invariant else ''} | {yes if m.homogeneous else ''} | "
-            f"{scale} | {yes if m.stochastic else ''} |"
-        )
-    (HERE / "_generated" / "properties.md").write_text("\n".join(rows) + "\n")
+    note, figures = _method_guide.measured()
+    lines = []
+    family = None
+    for row in _method_guide.rows():
+        if row.family != family:
+            family = row.family
+            lines += [
+                "",
+                f"### {_SECTION_TITLES[family]}",
+                "",
+                "| method | reads | cost per step | measured | guarantees | pick it when |",
+                "|---|---|---|---|---|---|",
+            ]
+        cells = [
+            f"`{row.call}`",
+            row.reads,
+            row.cost,
+            "; ".join(figures.get(row.name, [])),
+            ", ".join(row.guarantees),
+            row.when,
+        ]
+        if any("|" in c for c in cells):
+            raise RuntimeError(f"a '|' in the Which method row of {row.name}")
+        lines.append("| " + " | ".join(cells) + " |")
+    (HERE / "_generated" / "which_method_table.md").write_text(
+        note + "\n" + "\n".join(lines) + "\n"
+    )
 
 
-write_properties_table()
+write_which_method_table()
