@@ -62,7 +62,14 @@ PAGES: dict[str, tuple[str, str, list[str]]] = {
     "concepts": (
         "Concepts",
         (HERE / "_concepts_intro.md").read_text(),
-        [],  # filled below: every section not placed elsewhere, in README order
+        [  # then every README section not placed elsewhere, in README order
+            "Conventions",
+            "Task heads: marking parameters as not shared",
+            "Loss-based methods: one backward pass",
+            "Balancing at the memory of one gradient",
+            "Balancing at the shared representation (EnCodec, MGDA-UB)",
+            "Many devices",
+        ],
     ),
     "guides": (
         "Guides",
@@ -110,7 +117,7 @@ def _rewrite(body: str, where: dict[str, str], page: str) -> str:
 def write_guide_pages() -> None:
     _, sections = _sections(README.read_text())
     placed = {s for _, _, names in PAGES.values() for s in names}
-    PAGES["concepts"][2][:] = [t for t, _ in sections if t not in placed and t not in _SKIP]
+    PAGES["concepts"][2][:] += [t for t, _ in sections if t not in placed and t not in _SKIP]
     titles = [t for t, _ in sections]
     for _, _, names in PAGES.values():
         for name in names:
