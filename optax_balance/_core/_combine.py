@@ -13,16 +13,18 @@ from optax_balance._core._types import Array, PyTree, stat_dtype
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def combine_leaf(w: Array | np.ndarray, g: Array) -> Array:
+def combine_leaf(w: Array | np.ndarray, g: Array, *, keep_f32: bool = False) -> Array:
     """``sum_i w_i g_i`` for one stacked leaf, accumulated in f32, returned in g's dtype.
 
     ``w`` is ``(T,)`` (one weight per task, a contraction) or ``g``'s full shape (one
-    weight per task and coordinate, as GradDrop's masks).
+    weight per task and coordinate, as GradDrop's masks). ``keep_f32``: return the f32
+    accumulator (the statistics dtype) instead, for a caller that adds more terms.
     """
     g = jnp.asarray(g)
     dt = stat_dtype()
+    out_dt = dt if keep_f32 else g.dtype
     if np.ndim(w) > 1:
-        return jnp.sum(jnp.asarray(w, dt) * g.astype(dt), axis=0).astype(g.dtype)
+        return jnp.sum(jnp.asarray(w, dt) * g.astype(dt), axis=0).astype(out_dt)
     # A dot over the task axis, not ``jnp.sum(w[:, None] * g, 0)``: XLA's CPU backend runs
     # a reduction over a short leading axis of a long array far slower (21 ms against
     # 0.35 ms for a (2, 1e6) leaf, issue 17's figures).
@@ -33,13 +35,13 @@ def combine_leaf(w: Array | np.ndarray, g: Array) -> Array:
         precision=_HIGHEST,
         preferred_element_type=dt,
     )
-    return out.astype(g.dtype)
+    return out.astype(out_dt)
 
 
-def sum_leaf(g: Array) -> Array:
+def sum_leaf(g: Array, *, keep_f32: bool = False) -> Array:
     """``sum_i g_i`` over the task axis (a task-specific leaf), accumulated in f32."""
     g = jnp.asarray(g)
-    return combine_leaf(jnp.ones((g.shape[0],), stat_dtype()), g)
+    return combine_leaf(jnp.ones((g.shape[0],), stat_dtype()), g, keep_f32=keep_f32)
 
 
 def is_task_vector(weights: Any) -> bool:
@@ -47,20 +49,28 @@ def is_task_vector(weights: Any) -> bool:
     return isinstance(weights, jax.Array | np.ndarray)
 
 
-def combine(updates: PyTree, weights: Array | PyTree, shared_mask: PyTree) -> PyTree:
+def combine(
+    updates: PyTree, weights: Array | PyTree, shared_mask: PyTree, *, keep_f32: bool = False
+) -> PyTree:
     """Weighted sum over the task axis on shared leaves; plain sum on task-specific ones.
 
     ``weights`` is a ``(T,)`` array, or a pytree with the params' structure holding, per
     statistic leaf, a ``(T,)`` array (per-leaf weights, as in MetaBalance) or an array of
     the leaf's stacked shape (per-coordinate weights), and ``None`` elsewhere (shared
-    leaves outside the statistics then get a plain sum).
+    leaves outside the statistics then get a plain sum). ``keep_f32``: every leaf as its
+    f32 accumulator, not cast back to its dtype.
     """
+    f32 = keep_f32
     if is_task_vector(weights):
         return jax.tree.map(
-            lambda g, m: combine_leaf(weights, g) if m else sum_leaf(g), updates, shared_mask
+            lambda g, m: combine_leaf(weights, g, keep_f32=f32) if m else sum_leaf(g, keep_f32=f32),
+            updates,
+            shared_mask,
         )
     return jax.tree.map(
-        lambda g, m, w: combine_leaf(w, g) if (m and w is not None) else sum_leaf(g),
+        lambda g, m, w: (
+            combine_leaf(w, g, keep_f32=f32) if (m and w is not None) else sum_leaf(g, keep_f32=f32)
+        ),
         updates,
         shared_mask,
         weights,

@@ -65,6 +65,15 @@ def balance(
     poisoned and the non-finite gradient stays visible downstream (to
     ``optax.apply_if_finite``).
 
+    Two mini-batches: a weighting that needs ``"cross_gram"`` (SDMGrad, MoDo) reads
+    :math:`J_1 J_2^\top` of two independent mini-batches' stacked gradients, the second
+    given as ``update(grads, state, params, task_grads2=grads2)`` (same structure and
+    shapes as ``grads``; a ``ValueError`` says so when it is missing). Its output combines
+    the mean of the two batches, :math:`d = \sum_i w_i (g_i^{(1)} + g_i^{(2)})/2` (the
+    gradient of the weighted loss on both batches: every sample drawn is used), and
+    task-specific leaves get :math:`\sum_i (g_i^{(1)} + g_i^{(2)})/2`. Weightings that do not
+    need it ignore ``task_grads2``.
+
     Loss-based weightings (``needs == ("losses",)``) also take an ordinary gradient:
     ``update`` then returns it unchanged and advances the state (see
     :func:`optax_balance.weighted_loss`); stacked and ordinary gradients are told apart
@@ -120,6 +129,7 @@ def balance(
         t_cfg = weighting.num_tasks
     needs = weighting.needs
     name = weighting.name
+    two_batches = "cross_gram" in needs
     if axis_name is not None and sync == "stats" and "grads" in needs:
         raise ValueError(
             f"{name} reads the stacked gradients themselves, which sync='stats' does not "
@@ -176,6 +186,19 @@ def balance(
             updates = _pmean(updates, axis_name)
         return updates, new_state
 
+    def second_batch(extra_args: dict[str, Any], updates: PyTree) -> PyTree:
+        if not two_batches:
+            return None  # ignored, as any keyword a method does not use
+        grads2 = extra_args.get("task_grads2")
+        if grads2 is None:
+            raise ValueError(
+                f"{name} needs the stacked gradients of a second, independent mini-batch: "
+                f"call `tx.update(grads, state, params, task_grads2=grads2)` with `grads2` "
+                f"from another batch (ob.value_and_task_grads on it); its weights come from "
+                f"the cross-Gramian J1 J2^T, which one batch's Gramian would bias."
+            )
+        return _tree.check_second_batch(jax.tree.map(jnp.asarray, grads2), updates, name)
+
     def update_fn(
         updates: PyTree, state: Any, params: PyTree | None = None, **extra_args: Any
     ) -> tuple[PyTree, Any]:
@@ -196,6 +219,7 @@ def balance(
                 f"(T,)-valued loss."
             )
         t = _tree.num_tasks_of(updates, t_cfg)
+        updates2 = second_batch(extra_args, updates)
         like = _tree.unstacked_like(updates)
         shared_m, stat_m = masks(params if params is not None else like)
         if jax.tree.structure(shared_m) != jax.tree.structure(updates):
@@ -214,15 +238,26 @@ def balance(
         grads_mode = axis_name is not None and sync == "grads" and not per_device_items
         read_m = stat_m if grad_stats else jax.tree.map(lambda _: False, stat_m)
         if grads_mode:
-            updates = jax.tree.map(
-                lambda g, m: jax.lax.pmean(g, axis_name) if m else g, updates, read_m
+            updates, updates2 = (
+                None
+                if u is None
+                else jax.tree.map(lambda g, m: jax.lax.pmean(g, axis_name) if m else g, u, read_m)
+                for u in (updates, updates2)
             )
-        stats = compute_stats(needs, updates, stat_m, t, losses)
+        stats = compute_stats(needs, updates, stat_m, t, losses, updates2)
         if axis_name is not None and not grads_mode:
             stats = sync_stats(stats, axis_name)
 
         weights, new_state = guarded_weigh(weighting, stats, state)
-        out = combine(updates, weights, shared_m)
+        if updates2 is None:
+            out = combine(updates, weights, shared_m)
+        else:  # the mean of the two batches' combinations, accumulated in f32
+            out = jax.tree.map(
+                lambda a, b, g: (0.5 * (a + b)).astype(g.dtype),
+                combine(updates, weights, shared_m, keep_f32=True),
+                combine(updates2, weights, shared_m, keep_f32=True),
+                updates,
+            )
         if grads_mode:
             out = jax.tree.map(lambda o, m: o if m else jax.lax.pmean(o, axis_name), out, read_m)
         return out, new_state

@@ -11,7 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_balance._core._combine import is_task_vector
-from optax_balance._core._stats import STAT_NAMES, Stats, all_finite, stats_from_gram
+from optax_balance._core._stats import (
+    STAT_NAMES,
+    Stats,
+    all_finite,
+    stats_from_cross_gram,
+    stats_from_gram,
+)
 from optax_balance._core._types import Array, PyTree, SharedMask, stat_dtype
 
 WeighFn = Callable[[Stats, Any], tuple[Any, Any]]
@@ -34,7 +40,11 @@ class Weighting:
         weights, state = weighting(gram, state)     # the next step
 
     and any weighting on a :class:`optax_balance.Stats`; a 1-D array is read as the
-    losses (for loss-based weightings).
+    losses (for loss-based weightings). A weighting that needs ``"cross_gram"`` (SDMGrad,
+    MoDo) reads a 2-D array as the cross-Gramian :math:`J_1 J_2^\top` of two independent
+    mini-batches::
+
+        weights, state = ob.weightings.modo()(j1 @ j2.T)
 
     Attributes:
       init: ``init(num_tasks) -> state``, a NamedTuple of arrays with a ``(T,)`` field
@@ -47,8 +57,9 @@ class Weighting:
         an array of the leaf's stacked shape (per-coordinate weights), ``None`` elsewhere.
         It must be jittable: no Python control flow on array values.
       needs: the statistics ``weigh`` reads, from ``"gram"``, ``"sq_norms"``,
-        ``"item_sq_norms"``, ``"leaf_sq_norms"``, ``"leaf_gram"``, ``"grads"`` and
-        ``"losses"`` (the last makes ``task_losses`` required); see
+        ``"item_sq_norms"``, ``"leaf_sq_norms"``, ``"leaf_gram"``, ``"grads"``,
+        ``"cross_gram"`` (makes ``task_grads2`` required) and ``"losses"`` (makes
+        ``task_losses`` required); see
         :class:`optax_balance.Stats`. A weighting that needs only ``"losses"`` also
         accepts an ordinary (unstacked) gradient (see :func:`optax_balance.weighted_loss`).
       name: the method's name, for error messages.
@@ -94,8 +105,9 @@ class Weighting:
 
         Args:
           stats: a :class:`optax_balance.Stats`, a ``(T, T)`` Gramian (for weightings
-            that need only ``"gram"``, and ``"losses"`` given as ``losses``), or a
-            ``(T,)`` array of losses (for loss-based weightings).
+            that need only ``"gram"``, and ``"losses"`` given as ``losses``), a ``(T, T)``
+            cross-Gramian (for weightings that need ``"cross_gram"``), or a ``(T,)`` array
+            of losses (for loss-based weightings).
           state: the weighting's state; ``None`` starts from ``init(T)``.
           losses: ``(T,)`` losses to go with a Gramian.
 
@@ -110,6 +122,8 @@ class Weighting:
                     raise ValueError("pass the losses once: as `stats` or as `losses`.")
                 arr = arr.astype(stat_dtype())
                 stats = Stats(losses=arr)
+            elif "cross_gram" in self.needs and "gram" not in self.needs:
+                stats = stats_from_cross_gram(arr, losses)
             else:
                 stats = stats_from_gram(arr, losses)
         if stats.gram is not None and stats.sq_norms is None:
