@@ -50,7 +50,12 @@ def is_task_vector(weights: Any) -> bool:
 
 
 def combine(
-    updates: PyTree, weights: Array | PyTree, shared_mask: PyTree, *, keep_f32: bool = False
+    updates: PyTree,
+    weights: Array | PyTree,
+    shared_mask: PyTree,
+    *,
+    keep_f32: bool = False,
+    head_scales: Array | None = None,
 ) -> PyTree:
     """Weighted sum over the task axis on shared leaves; plain sum on task-specific ones.
 
@@ -58,18 +63,27 @@ def combine(
     statistic leaf, a ``(T,)`` array (per-leaf weights, as in MetaBalance) or an array of
     the leaf's stacked shape (per-coordinate weights), and ``None`` elsewhere (shared
     leaves outside the statistics then get a plain sum). ``keep_f32``: every leaf as its
-    f32 accumulator, not cast back to its dtype.
+    f32 accumulator, not cast back to its dtype. ``head_scales``: ``(T,)`` weights of the
+    task-specific leaves instead of the plain sum (``Weighting.head_scales``).
     """
     f32 = keep_f32
+
+    def rest(g: Array) -> Array:
+        if head_scales is None:
+            return sum_leaf(g, keep_f32=f32)
+        return combine_leaf(head_scales, g, keep_f32=f32)
+
     if is_task_vector(weights):
         return jax.tree.map(
-            lambda g, m: combine_leaf(weights, g, keep_f32=f32) if m else sum_leaf(g, keep_f32=f32),
+            lambda g, m: combine_leaf(weights, g, keep_f32=f32) if m else rest(g),
             updates,
             shared_mask,
         )
     return jax.tree.map(
         lambda g, m, w: (
-            combine_leaf(w, g, keep_f32=f32) if (m and w is not None) else sum_leaf(g, keep_f32=f32)
+            combine_leaf(w, g, keep_f32=f32)
+            if (m and w is not None)
+            else (sum_leaf(g, keep_f32=f32) if m else rest(g))
         ),
         updates,
         shared_mask,

@@ -13,7 +13,12 @@ from optax_balance._core import _checks, _tree
 from optax_balance._core._combine import combine
 from optax_balance._core._stats import Stats, compute_stats, sync_stats
 from optax_balance._core._types import PyTree, SharedMask, Sync
-from optax_balance._core._weighting import Weighting, guarded_weigh, tree_none_outside
+from optax_balance._core._weighting import (
+    Weighting,
+    guarded_weigh,
+    guarded_weigh_ok,
+    tree_none_outside,
+)
 
 try:  # optax >= 0.2.8: the aggregation API this library's methods belong to
     from optax.experimental import aggregating as _aggregating
@@ -34,6 +39,13 @@ class BalancedTransform(_Base):  # type: ignore[misc,valid-type]
 
 def _pmean(tree: PyTree, axis_name: Any) -> PyTree:
     return jax.tree.map(lambda x: jax.lax.pmean(x, axis_name), tree)
+
+
+def _with_estimates(updates: PyTree, estimates: PyTree) -> PyTree:
+    """``updates`` with its statistic leaves replaced by the tracked ``estimates``."""
+    return jax.tree.map(
+        lambda e, g: g if e is None else e, estimates, updates, is_leaf=lambda x: x is None
+    )
 
 
 def balance(
@@ -64,6 +76,11 @@ def balance(
     keeps the previous state and combines with the previous weights, so the state is never
     poisoned and the non-finite gradient stays visible downstream (to
     ``optax.apply_if_finite``).
+
+    Weightings with gradient-sized state (``Weighting.tracked``: MoCo, DB-MTL) combine
+    their tracked estimates of the task gradients instead of the incoming ones on the
+    statistic leaves, and a weighting with ``Weighting.head_scales`` (DB-MTL, IMTL) weighs
+    the task-specific leaves by per-task scales instead of summing them.
 
     Two mini-batches: a weighting that needs ``"cross_gram"`` (SDMGrad, MoDo) reads
     :math:`J_1 J_2^\top` of two independent mini-batches' stacked gradients, the second
@@ -248,16 +265,34 @@ def balance(
         if axis_name is not None and not grads_mode:
             stats = sync_stats(stats, axis_name)
 
-        weights, new_state = guarded_weigh(weighting, stats, state)
-        if updates2 is None:
-            out = combine(updates, weights, shared_m)
-        else:  # the mean of the two batches' combinations, accumulated in f32
-            out = jax.tree.map(
-                lambda a, b, g: (0.5 * (a + b)).astype(g.dtype),
-                combine(updates, weights, shared_m, keep_f32=True),
-                combine(updates2, weights, shared_m, keep_f32=True),
-                updates,
-            )
+        weights, new_state, ok = guarded_weigh_ok(weighting, stats, state)
+        heads = None
+        if weighting.head_scales is not None:
+            heads = getattr(new_state, weighting.head_scales)
+        sources = [updates] if updates2 is None else [updates, updates2]
+
+        def combined(trees: list[PyTree]) -> PyTree:
+            """The mean of the trees' combinations (two batches), in f32."""
+            outs = [combine(u, weights, shared_m, keep_f32=True, head_scales=heads) for u in trees]
+            return outs[0] if len(outs) == 1 else jax.tree.map(lambda a, b: 0.5 * (a + b), *outs)
+
+        if weighting.tracked is None:
+            out = combined(sources)
+        else:
+            # The tracked estimates (as the guarded new state holds them) on the statistic
+            # leaves; a non-finite step combines the incoming gradients with the previous
+            # weights instead. One branch runs under lax.cond; under a device axis the
+            # estimates and the averaged gradients may differ in device variance, which
+            # cond's branches may not, so both are computed and selected.
+            est = getattr(new_state, weighting.tracked)
+            tracked_sources = [_with_estimates(u, est) for u in sources]
+            if axis_name is None:
+                out = jax.lax.cond(ok, combined, lambda _: combined(sources), tracked_sources)
+            else:
+                out = jax.tree.map(
+                    lambda a, b: jnp.where(ok, a, b), combined(tracked_sources), combined(sources)
+                )
+        out = jax.tree.map(lambda o, g: o.astype(g.dtype), out, updates)
         if grads_mode:
             out = jax.tree.map(lambda o, m: o if m else jax.lax.pmean(o, axis_name), out, read_m)
         return out, new_state

@@ -68,6 +68,22 @@ class Weighting:
         GradNorm's ``norm_mask``; ``None``: every shared leaf.
       stat_mask_name: the public name of ``stat_mask``, for error messages.
       init_takes_params: ``init`` takes the statistic leaves as a second argument.
+      tracked: the name of a state field holding *tracked estimates* of the task gradients
+        (MoCo's :math:`y`, DB-MTL's moving average): a stacked tree with the params'
+        structure, ``(T, *leaf.shape)`` in the statistics dtype on each statistic leaf
+        and ``None`` elsewhere, built by ``init(num_tasks, params)`` (so
+        ``init_takes_params`` is required). The transformation then combines, on the
+        statistic leaves, those estimates as the new state holds them,
+        :math:`d = \sum_i w_i y_i`, instead of the incoming gradients (which ``weigh``
+        reads through ``"grads"`` to update the estimates). The state is the one copy of
+        the estimates. On a non-finite step the estimates are kept and the incoming
+        gradients are combined with the previous weights, as for every method (a NaN/Inf
+        gradient stays visible in the output, for ``optax.apply_if_finite``).
+      head_scales: the name of a ``(T,)`` state field :math:`c`: the task-specific leaves
+        (``shared=False``) are combined as :math:`\sum_i c_i g_i` instead of summed. For
+        methods that rescale the losses themselves (DB-MTL's log-losses, IMTL's learned
+        scales), whose task heads train on the rescaled losses. Read from the new state
+        (on a non-finite step, the previous scales).
     """
 
     init: Callable[..., Any]
@@ -78,6 +94,8 @@ class Weighting:
     stat_mask: SharedMask = None
     stat_mask_name: str = "norm_mask"
     init_takes_params: bool = False
+    tracked: str | None = None
+    head_scales: str | None = None
 
     def __post_init__(self) -> None:
         needs = (self.needs,) if isinstance(self.needs, str) else tuple(self.needs)
@@ -89,6 +107,11 @@ class Weighting:
         object.__setattr__(self, "needs", needs)
         if not (callable(self.init) and callable(self.weigh)):
             raise ValueError("Weighting `init` and `weigh` must be callables.")
+        if self.tracked is not None and not self.init_takes_params:
+            raise ValueError(
+                "a Weighting with `tracked` estimates builds them from the params: set "
+                "`init_takes_params=True` (init(num_tasks, params))."
+            )
 
     @property
     def needs_losses(self) -> bool:
@@ -156,6 +179,12 @@ def guarded_weigh(weighting: Weighting, stats: Stats, state: Any) -> tuple[Any, 
     or new state hold a NaN or Inf keeps the previous state and returns the previous
     ``state.weights`` (broadcast to per-leaf or per-coordinate weights as needed).
     """
+    weights, new_state, _ = guarded_weigh_ok(weighting, stats, state)
+    return weights, new_state
+
+
+def guarded_weigh_ok(weighting: Weighting, stats: Stats, state: Any) -> tuple[Any, Any, Array]:
+    """:func:`guarded_weigh`, and whether the step was finite (a scalar bool)."""
     weights, new_state = weighting.weigh(stats, state)
     ok = all_finite((stats._replace(grads=None), weights, new_state))
     new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
@@ -168,7 +197,7 @@ def guarded_weigh(weighting: Weighting, stats: Stats, state: Any) -> tuple[Any, 
             weights,
             is_leaf=lambda x: x is None,
         )
-    return weights, new_state
+    return weights, new_state, ok
 
 
 def tree_none_outside(mask: PyTree, tree: PyTree) -> PyTree:
