@@ -34,6 +34,7 @@ from optax_balance._core._stats import (
     all_finite,
     compute_stats,
     cross_gramian,
+    dots,
     gramian,
     safe_inverse,
     safe_sqrt,
@@ -49,6 +50,7 @@ from optax_balance._core._tree import (
     is_stacked,
     num_tasks_of,
     resolve_mask,
+    stacked_zeros_like,
     unstacked_like,
 )
 from optax_balance._core._types import Array, PyTree, SharedMask, Sync, stat_dtype
@@ -76,6 +78,7 @@ __all__ = [
     "combine_leaf",
     "compute_stats",
     "cross_gramian",
+    "dots",
     "gramian",
     "guarded_weigh",
     "is_concrete",
@@ -89,6 +92,7 @@ __all__ = [
     "safe_inverse",
     "safe_sqrt",
     "sq_norms",
+    "stacked_zeros_like",
     "stat_dtype",
     "stats_from_cross_gram",
     "stats_from_gram",

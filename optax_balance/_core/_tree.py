@@ -189,3 +189,22 @@ def check_second_batch(updates2: PyTree, updates: PyTree, method: str) -> PyTree
                 f"gradients are floating point."
             )
     return updates2
+
+
+def stacked_zeros_like(params: PyTree, num_tasks: int) -> PyTree:
+    """Zeros of shape ``(T, *leaf.shape)`` in the statistics dtype, ``None`` stays ``None``.
+
+    The gradient-sized state of a weighting with tracked estimates
+    (``Weighting.tracked``). Built from ``zeros_like`` of each leaf, so concrete params
+    placed on a mesh, and params typed with ``Explicit`` sharding, give estimates sharded
+    like them with the task axis unsharded (under ``jit`` with ``Auto`` axes the compiler
+    places them, as for any optax state: pass ``out_shardings`` to a jitted ``init``).
+    """
+
+    def zeros(p: Any) -> Any:
+        if p is None:
+            return None
+        z = jnp.zeros_like(p, dtype=stat_dtype())
+        return jnp.broadcast_to(z[None], (num_tasks, *np.shape(p)))
+
+    return jax.tree.map(zeros, params, is_leaf=lambda x: x is None)

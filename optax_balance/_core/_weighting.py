@@ -78,7 +78,13 @@ class Weighting:
         reads through ``"grads"`` to update the estimates). The state is the one copy of
         the estimates. On a non-finite step the estimates are kept and the incoming
         gradients are combined with the previous weights, as for every method (a NaN/Inf
-        gradient stays visible in the output, for ``optax.apply_if_finite``).
+        gradient stays visible in the output, for ``optax.apply_if_finite``). The guard
+        does not scan the new estimates (a T x P reduction over them would keep them
+        alive next to the old ones): ``weigh`` must make its weights or another state
+        field non-finite whenever an estimate is, as weights computed from the new
+        estimates' norms or Gramian are; and to let a donated state be updated in place,
+        it should compute those statistics from the old estimates and the gradients
+        (expanding the norms), not from the new estimates.
       head_scales: the name of a ``(T,)`` state field :math:`c`: the task-specific leaves
         (``shared=False``) are combined as :math:`\sum_i c_i g_i` instead of summed. For
         methods that rescale the losses themselves (DB-MTL's log-losses, IMTL's learned
@@ -186,7 +192,13 @@ def guarded_weigh(weighting: Weighting, stats: Stats, state: Any) -> tuple[Any, 
 def guarded_weigh_ok(weighting: Weighting, stats: Stats, state: Any) -> tuple[Any, Any, Array]:
     """:func:`guarded_weigh`, and whether the step was finite (a scalar bool)."""
     weights, new_state = weighting.weigh(stats, state)
-    ok = all_finite((stats._replace(grads=None), weights, new_state))
+    checked = new_state
+    if weighting.tracked is not None:
+        # Not scanned: a reduction over the new estimates would make XLA materialise them
+        # next to the state they replace (a T x P temporary, where a donated state is
+        # otherwise updated in place). Their finiteness is the weights' (see `tracked`).
+        checked = new_state._replace(**{weighting.tracked: None})
+    ok = all_finite((stats._replace(grads=None), weights, checked))
     new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
     prev = state.weights
     if is_task_vector(weights):
