@@ -16,11 +16,16 @@ from optax_balance._grads import task_weights, value_and_task_grads
 from optax_balance._gramian._aligned_mtl import AlignedMTLState, aligned_mtl
 from optax_balance._gramian._cagrad import CAGradState, cagrad
 from optax_balance._gramian._dualproj import DualProjState, dualproj
+from optax_balance._gramian._imtl import IMTLState, imtl
 from optax_balance._gramian._imtl_g import IMTLGState, imtl_g
 from optax_balance._gramian._mgda import MGDAState, mgda
+from optax_balance._gramian._modo import MoDoState, modo
 from optax_balance._gramian._nash_mtl import NashMTLState, nash_mtl
 from optax_balance._gramian._pcgrad import PCGradState, pcgrad
+from optax_balance._gramian._sdmgrad import SDMGradState, sdmgrad
 from optax_balance._gramian._upgrad import UPGradState, upgrad
+from optax_balance._jacobian._db_mtl import DBMTLState, db_mtl
+from optax_balance._jacobian._moco import MoCoState, moco
 from optax_balance._norm._balancer import BalancerState, balancer
 from optax_balance._norm._gradnorm import GradNormState, gradnorm
 from optax_balance._norm._metabalance import MetaBalanceState, metabalance
@@ -34,13 +39,18 @@ __all__ = [
     "BalancerState",
     "CAGradState",
     "CRMOGMState",
+    "DBMTLState",
     "DualProjState",
     "GradNormState",
     "IMTLGState",
+    "IMTLState",
     "MGDAState",
     "MetaBalanceState",
+    "MoCoState",
+    "MoDoState",
     "NashMTLState",
     "PCGradState",
+    "SDMGradState",
     "Stats",
     "UPGradState",
     "Weighting",
@@ -49,13 +59,18 @@ __all__ = [
     "balancer",
     "cagrad",
     "cr_mogm",
+    "db_mtl",
     "dualproj",
     "gradnorm",
+    "imtl",
     "imtl_g",
     "metabalance",
     "mgda",
+    "moco",
+    "modo",
     "nash_mtl",
     "pcgrad",
+    "sdmgrad",
     "task_weights",
     "upgrad",
     "value_and_balanced_grad",

@@ -12,11 +12,16 @@ from a Gramian you computed yourself::
 from optax_balance._gramian._aligned_mtl import aligned_mtl_weighting as aligned_mtl
 from optax_balance._gramian._cagrad import cagrad_weighting as cagrad
 from optax_balance._gramian._dualproj import dualproj_weighting as dualproj
+from optax_balance._gramian._imtl import imtl_weighting as imtl
 from optax_balance._gramian._imtl_g import imtl_g_weighting as imtl_g
 from optax_balance._gramian._mgda import mgda_weighting as mgda
+from optax_balance._gramian._modo import modo_weighting as modo
 from optax_balance._gramian._nash_mtl import nash_mtl_weighting as nash_mtl
 from optax_balance._gramian._pcgrad import pcgrad_weighting as pcgrad
+from optax_balance._gramian._sdmgrad import sdmgrad_weighting as sdmgrad
 from optax_balance._gramian._upgrad import upgrad_weighting as upgrad
+from optax_balance._jacobian._db_mtl import db_mtl_weighting as db_mtl
+from optax_balance._jacobian._moco import moco_weighting as moco
 from optax_balance._norm._balancer import balancer_weighting as balancer
 from optax_balance._norm._gradnorm import gradnorm_weighting as gradnorm
 from optax_balance._norm._metabalance import metabalance_weighting as metabalance
@@ -27,12 +32,17 @@ __all__ = [
     "balancer",
     "cagrad",
     "cr_mogm",
+    "db_mtl",
     "dualproj",
     "gradnorm",
+    "imtl",
     "imtl_g",
     "metabalance",
     "mgda",
+    "moco",
+    "modo",
     "nash_mtl",
     "pcgrad",
+    "sdmgrad",
     "upgrad",
 ]
