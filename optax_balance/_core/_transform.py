@@ -41,6 +41,32 @@ def _pmean(tree: PyTree, axis_name: Any) -> PyTree:
     return jax.tree.map(lambda x: jax.lax.pmean(x, axis_name), tree)
 
 
+def _check_estimates(estimates: PyTree, updates: PyTree, stat_mask: PyTree, name: str) -> None:
+    """The tracked estimates must be the statistic leaves' stacked shapes (else: a clear
+    error, not a broadcast): ``init`` saw params of other shapes."""
+    est = jax.tree.leaves(estimates, is_leaf=lambda x: x is None)
+    path_leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
+    masks = jax.tree.leaves(stat_mask)
+    if len(est) == len(path_leaves):
+        bad = [
+            (jax.tree_util.keystr(p), np.shape(e), np.shape(g))
+            for (p, g), e, m in zip(path_leaves, est, masks)
+            if (e is None) == m or (m and np.shape(e) != np.shape(g))
+        ]
+    else:
+        bad = [("<tree>", jax.tree.structure(estimates), jax.tree.structure(updates))]
+    if bad:
+        path, e, g = bad[0]
+        raise ValueError(
+            f"{name}: the tracked gradient estimates in the state do not match the stacked "
+            f"gradients (leaf {path}: {e} in the state, {g} in the gradients); `init` was "
+            f"given params of another shape or `shared` mask. optax.MultiSteps initialises "
+            f"the method with the stacked gradients' shapes, which gradient-sized state "
+            f"cannot take: accumulate after the method instead, "
+            f"optax.chain({name}, optax.MultiSteps(optimizer, k))."
+        )
+
+
 def _with_estimates(updates: PyTree, estimates: PyTree) -> PyTree:
     """``updates`` with its statistic leaves replaced by the tracked ``estimates``."""
     return jax.tree.map(
@@ -245,6 +271,8 @@ def balance(
                 f"gradients' structure {jax.tree.structure(updates)}."
             )
         state = ready_state(state, t, like)
+        if weighting.tracked is not None:
+            _check_estimates(getattr(state, weighting.tracked), updates, stat_m, name)
         losses = synced_losses(task_losses, t)
 
         # Devices. "grads": the leaves the statistics read are averaged before them, every
