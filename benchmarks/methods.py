@@ -3,8 +3,13 @@
 A line names the ``optax_balance`` factory (looked up with ``getattr``, so a method that is
 not in this build of the library is skipped with a printed note), the keyword arguments
 it is built with, the target class (``"gram"``: needs the Gramian, about two passes over
-the gradients, target 3x the one-pass floor; ``"norm"``: needs only norms, target 2x),
-and the torchjd aggregator it is compared with (``None``: torchjd has no counterpart).
+the gradients, target 3x the one-pass floor; ``"norm"``: needs only norms, target 2x;
+``"two_batch"``: the cross-Gramian and the combination of two batches, four passes;
+``"state"``: gradient-sized state read and written besides the gradients, about eight
+passes), and the torchjd aggregator it is compared with (``None``: torchjd has no
+counterpart). A ``two_batches`` method is given the same stacked gradients as its second
+batch (``update_kwargs``): its timings are the method's, not the second backward pass a
+user pays for.
 Both libraries run with their default hyperparameters unless the line says otherwise.
 """
 
@@ -24,11 +29,16 @@ import optax_balance as ob
 class BenchMethod:
     name: str
     factory: str  # attribute of optax_balance
-    kind: Literal["gram", "norm"]
+    kind: Literal["gram", "norm", "two_batch", "state"]
     kwargs: Callable[[int], dict[str, Any]] = lambda t: {}
     torchjd: str | None = None  # class name in torchjd.aggregation
     torchjd_kwargs: Callable[[int], dict[str, Any]] = lambda t: {}
     needs_losses: bool = False
+    two_batches: bool = False
+
+    def update_kwargs(self, grads: Any) -> dict[str, Any]:
+        """``update``'s keyword for a second batch (the same gradients), if the method needs one."""
+        return {"task_grads2": grads} if self.two_batches else {}
 
     def available(self) -> bool:
         return callable(getattr(ob, self.factory, None))
@@ -56,6 +66,13 @@ METHODS: list[BenchMethod] = [
     M("balancer", "balancer", "norm", kwargs=lambda t: {"weights": [1.0] * t}),
     M("gradnorm", "gradnorm", "norm", needs_losses=True),
     M("metabalance", "metabalance", "norm"),
+    M("moco", "moco", "state", needs_losses=True),  # not in torchjd
+    M("db_mtl", "db_mtl", "state", needs_losses=True),  # not in torchjd
+    M("imtl", "imtl", "gram", needs_losses=True),  # the hybrid; torchjd has IMTL-G alone
+    # torchjd's SDMGradWeighting / MoDoWeighting take the cross-Gramian J1 J2^T, not J: no
+    # aggregator to time on the same matrix.
+    M("sdmgrad", "sdmgrad", "two_batch", two_batches=True),
+    M("modo", "modo", "two_batch", two_batches=True),
 ]
 
 

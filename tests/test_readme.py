@@ -63,3 +63,15 @@ def test_readme_write_your_own_method_runs_verbatim(capsys):
     np.testing.assert_allclose(np.asarray(namespace["updates"]["w"]), -0.1 * (w @ j), rtol=1e-6)
     weights, _ = namespace["inverse_norm"]()(j @ j.T)
     np.testing.assert_allclose(np.asarray(weights), w, rtol=1e-6)
+
+
+def test_readme_two_batches_section_runs_verbatim(capsys):
+    (block,) = _section_blocks("Two mini-batches (SDMGrad, MoDo)")
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
+    assert "task weights" in capsys.readouterr().out
+    losses = np.asarray(namespace["losses"])
+    # From [9.25, 4.25] at the start to the label noise (0.1^2) within a factor of five.
+    assert losses.shape == (2,) and np.all(losses < 0.05), losses
+    w = np.asarray(namespace["ob"].task_weights(namespace["opt_state"]))
+    assert w.shape == (2,) and abs(w.sum() - 1.0) < 1e-5 and np.all(w >= 0)
