@@ -80,7 +80,7 @@ def test_loss_below_minus_eps_is_a_nonfinite_step():
     np.testing.assert_allclose(np.asarray(d2), np.asarray(s1.weights) @ np.asarray(j), rtol=1e-6)
     # A zero loss is fine: log(0 + 1e-8) is defined.
     d3, s3 = tx.update(j, s1, p, task_losses=jnp.array([0.0, 1.0]))
-    assert np.all(np.isfinite(np.asarray(d3))) and int(s3.count) == 2
+    assert np.all(np.isfinite(np.asarray(d3))) and int(s3.step) == 2
 
 
 def test_donated_state_is_updated_in_place():

@@ -86,7 +86,7 @@ def test_matches_libmtl_over_twelve_steps(hyper):
         np.testing.assert_allclose(y, ref[1], rtol=0, atol=2e-6 * np.abs(ref[1]).max())
         # Heads: the plain sum of the task gradients.
         np.testing.assert_allclose(np.asarray(d["head"]), head.sum(0), rtol=1e-5, atol=1e-6)
-        assert int(state.count) == ref[0] and state.estimates["head"] is None
+        assert int(state.step) == ref[0] and state.estimates["head"] is None
         worst = max(worst, float(np.abs(got - want).max() / scale))
     assert worst < 2e-5
 
@@ -107,7 +107,7 @@ def test_nonfinite_step_keeps_estimates_and_combines_incoming_gradients():
     # A non-finite loss alone: finite output, the previous weights on the raw gradients.
     d, s3 = tx.update(j0, s1, p, task_losses=jnp.array([1.0, jnp.nan, 0.5]))
     np.testing.assert_allclose(np.asarray(d), np.asarray(s1.weights) @ np.asarray(j0), rtol=1e-5)
-    assert int(s3.count) == int(s1.count)
+    assert int(s3.step) == int(s1.step)
 
 
 def test_donated_state_is_updated_in_place():

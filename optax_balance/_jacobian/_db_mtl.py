@@ -27,13 +27,13 @@ class DBMTLState(NamedTuple):
       log_loss_scales: ``(T,)`` :math:`1/(L_i + 10^{-8})`, the factor that turned each
         task's gradient into its log-loss gradient in the last update; the task-specific
         leaves are combined with it (1 at ``init``).
-      count: the number of updates :math:`k` taken (int32), which sets the decay.
+      step: the number of updates :math:`k` taken (int32), which sets the decay.
     """
 
     weights: jax.Array
     estimates: Any
     log_loss_scales: jax.Array
-    count: jax.Array
+    step: jax.Array
 
 
 def _is_none(x: Any) -> bool:
@@ -86,14 +86,14 @@ def db_mtl_weighting(*, beta: float = 0.9, beta_sigma: float = 0.0) -> _core.Wei
             weights=jnp.ones((t,), dt),
             estimates=_core.stacked_zeros_like(params, t),
             log_loss_scales=jnp.ones((t,), dt),
-            count=jnp.zeros((), jnp.int32),
+            step=jnp.zeros((), jnp.int32),
         )
 
     def weigh(stats: _core.Stats, state: DBMTLState) -> tuple[jax.Array, DBMTLState]:
         assert stats.losses is not None and stats.sq_norms is not None
         t = stats.num_tasks
-        count = optax.safe_increment(state.count)
-        b = beta / count.astype(stats.losses.dtype) ** beta_sigma
+        step = jnp.asarray(optax.safe_increment(state.step))
+        b = beta / step.astype(stats.losses.dtype) ** beta_sigma
         # d log(L + eps) = g / (L + eps); undefined (NaN: a non-finite step) for L <= -eps.
         shifted = stats.losses + _LOG_EPS
         pos = shifted > 0
@@ -118,7 +118,7 @@ def db_mtl_weighting(*, beta: float = 0.9, beta_sigma: float = 0.0) -> _core.Wei
             return b * m + a.reshape(shape) * g.astype(m.dtype)
 
         estimates = jax.tree.map(average, state.estimates, stats.grads, is_leaf=_is_none)
-        new = DBMTLState(weights=alpha, estimates=estimates, log_loss_scales=inv, count=count)
+        new = DBMTLState(weights=alpha, estimates=estimates, log_loss_scales=inv, step=step)
         return alpha, new
 
     return _core.Weighting(

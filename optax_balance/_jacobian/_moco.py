@@ -22,12 +22,12 @@ class MoCoState(NamedTuple):
         ``(T, *leaf.shape)`` tracked estimates :math:`y_k` of the (normalised, see
         :func:`moco`) task gradients, in float32, sharded like the params; ``None`` on the
         other leaves. Zero at ``init``.
-      count: the number of updates :math:`k` taken (int32), which sets the step sizes.
+      step: the number of updates :math:`k` taken (int32), which sets the step sizes.
     """
 
     weights: jax.Array
     estimates: Any
-    count: jax.Array
+    step: jax.Array
 
 
 def _is_none(x: Any) -> bool:
@@ -93,15 +93,15 @@ def moco_weighting(
         return MoCoState(
             weights=jnp.full((t,), 1.0 / max(t, 1), dt),
             estimates=_core.stacked_zeros_like(params, t),
-            count=jnp.zeros((), jnp.int32),
+            step=jnp.zeros((), jnp.int32),
         )
 
     def weigh(stats: _core.Stats, state: MoCoState) -> tuple[jax.Array, MoCoState]:
         assert stats.gram is not None and stats.losses is not None
         t = stats.num_tasks
         gram = stats.gram
-        count = optax.safe_increment(state.count)
-        k = count.astype(gram.dtype)
+        step = jnp.asarray(optax.safe_increment(state.step))
+        k = step.astype(gram.dtype)
         b = beta / k**beta_sigma
         gamma_k = gamma / k**gamma_sigma
         # g_hat_i = c_i g_i with c_i = L_i / (|g_i| + 1e-8).
@@ -127,7 +127,7 @@ def moco_weighting(
             return (1.0 - b) * y + (b * c).reshape(shape) * g.astype(y.dtype)
 
         estimates = jax.tree.map(track, state.estimates, stats.grads, is_leaf=_is_none)
-        return lam, MoCoState(weights=lam, estimates=estimates, count=count)
+        return lam, MoCoState(weights=lam, estimates=estimates, step=step)
 
     return _core.Weighting(
         init,
@@ -183,7 +183,7 @@ def moco(
     set the lengths of the tracked directions, so they are expected to be >= 0.
 
     Non-finite steps: a NaN/Inf gradient or loss keeps the whole state (estimates,
-    weights, count) and combines the *incoming* gradients with the previous
+    weights, step) and combines the *incoming* gradients with the previous
     :math:`\lambda` (so the NaN/Inf shows in the output where it sits, for
     ``optax.apply_if_finite``; a non-finite loss alone gives the finite
     :math:`\sum_i \lambda_i g_i`).
