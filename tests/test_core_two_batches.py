@@ -26,21 +26,19 @@ def assert_cross_close(got, x, y) -> None:
     assert np.all(err <= bound), (err.max(), bound.min())
 
 
-SIZES = [1, 17, 7919, 65536 + 7919, 3 * _gram._CHUNK + 5]
+_CHUNK = 4096
+SIZES = [1, 17, 7919, 65536 + 7919, 3 * _CHUNK + 5]
 
 
-@pytest.mark.parametrize("kernel", ["pairs", "dot", "chunked pairs", "chunked dot"])
+@pytest.mark.parametrize("kernel", ["dot", "chunked dot", "cpu"])
 @pytest.mark.parametrize("t", [1, 2, 5, 7])
 def test_each_cross_kernel_matches_float64(kernel, t):
     fn = {
-        "pairs": _gram._cross_gram_pairs,
         "dot": _gram._cross_gram_dot,
-        "chunked pairs": lambda x, y, dt: _gram._cross_gram_chunked(
-            _gram._cross_gram_pairs, x, y, dt, _gram._CHUNK
-        ),
         "chunked dot": lambda x, y, dt: _gram._cross_gram_chunked(
-            _gram._cross_gram_dot, x, y, dt, _gram._CHUNK
+            _gram._cross_gram_dot, x, y, dt, _CHUNK
         ),
+        "cpu": _gram._cross_gram_cpu,
     }[kernel]
     rng = np.random.default_rng(t)
     for n in SIZES:
@@ -54,7 +52,7 @@ def test_each_cross_kernel_matches_float64(kernel, t):
 @pytest.mark.parametrize("t", [1, 3, 8])
 def test_cross_gramian_over_leaves_and_dtypes(t):
     rng = np.random.default_rng(20 + t)
-    shapes = [(40,), (30, 25), (_gram._PAIR_MIN_N + 3,)]
+    shapes = [(40,), (30, 25), (2 * _CHUNK + 3,)]
     xs = [rng.standard_normal((t, *s)).astype(np.float32) for s in shapes]
     ys = [rng.standard_normal((t, *s)).astype(np.float32) for s in shapes]
     got = _core.cross_gramian([jnp.asarray(x) for x in xs], [jnp.asarray(y) for y in ys], t)

@@ -90,6 +90,13 @@ class Weighting:
         methods that rescale the losses themselves (DB-MTL's log-losses, IMTL's learned
         scales), whose task heads train on the rescaled losses. Read from the new state
         (on a non-finite step, the previous scales).
+      nonnegative_losses: the weights read the losses as non-negative quantities (MGDA's
+        normalisation by the loss): a negative ``task_losses`` entry is a ``ValueError``
+        when the losses are concrete and a run-time ``UserWarning`` when traced.
+      extra_args: keyword arguments of ``update`` (and of
+        :func:`optax_balance.weighted_loss`) that ``weigh`` reads, each an optional
+        per-task ``(T,)`` vector validated, cast and averaged over devices like
+        ``task_losses``, handed over in ``stats.extra`` (FAMO's ``losses_after``).
     """
 
     init: Callable[..., Any]
@@ -102,6 +109,8 @@ class Weighting:
     init_takes_params: bool = False
     tracked: str | None = None
     head_scales: str | None = None
+    nonnegative_losses: bool = False
+    extra_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         needs = (self.needs,) if isinstance(self.needs, str) else tuple(self.needs)
@@ -111,6 +120,8 @@ class Weighting:
                 f"Weighting `needs` must name statistics from {STAT_NAMES}, got {self.needs!r}."
             )
         object.__setattr__(self, "needs", needs)
+        extra = (self.extra_args,) if isinstance(self.extra_args, str) else tuple(self.extra_args)
+        object.__setattr__(self, "extra_args", extra)
         if not (callable(self.init) and callable(self.weigh)):
             raise ValueError("Weighting `init` and `weigh` must be callables.")
         if self.tracked is not None and not self.init_takes_params:
@@ -178,18 +189,24 @@ def broadcast_like(prev: Array, w: Array) -> Array:
     return jnp.reshape(prev, prev.shape + (1,) * (np.ndim(w) - 1))
 
 
-def guarded_weigh(weighting: Weighting, stats: Stats, state: Any) -> tuple[Any, Any]:
+def guarded_weigh(
+    weighting: Weighting, stats: Stats, state: Any, ok: Any = True
+) -> tuple[Any, Any]:
     """``weighting.weigh`` with the non-finite guard.
 
     A step whose statistics (the stacked gradients aside, which the weights read), weights
-    or new state hold a NaN or Inf keeps the previous state and returns the previous
-    ``state.weights`` (broadcast to per-leaf or per-coordinate weights as needed).
+    or new state hold a NaN or Inf, or where ``ok`` (a scalar bool: the caller's own
+    check, e.g. that the gradients a loss-based weighting never reads are finite) is
+    False, keeps the previous state and returns the previous ``state.weights``
+    (broadcast to per-leaf or per-coordinate weights as needed).
     """
-    weights, new_state, _ = guarded_weigh_ok(weighting, stats, state)
+    weights, new_state, _ = guarded_weigh_ok(weighting, stats, state, ok)
     return weights, new_state
 
 
-def guarded_weigh_ok(weighting: Weighting, stats: Stats, state: Any) -> tuple[Any, Any, Array]:
+def guarded_weigh_ok(
+    weighting: Weighting, stats: Stats, state: Any, ok: Any = True
+) -> tuple[Any, Any, Array]:
     """:func:`guarded_weigh`, and whether the step was finite (a scalar bool)."""
     weights, new_state = weighting.weigh(stats, state)
     checked = new_state
@@ -198,7 +215,7 @@ def guarded_weigh_ok(weighting: Weighting, stats: Stats, state: Any) -> tuple[An
         # next to the state they replace (a T x P temporary, where a donated state is
         # otherwise updated in place). Their finiteness is the weights' (see `tracked`).
         checked = new_state._replace(**{weighting.tracked: None})
-    ok = all_finite((stats._replace(grads=None), weights, checked))
+    ok = jnp.logical_and(ok, all_finite((stats._replace(grads=None), weights, checked)))
     new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
     prev = state.weights
     if is_task_vector(weights):
