@@ -214,6 +214,27 @@ GUIDE: dict[str, tuple[str, str]] = {
         "proportional fairness, larger `alpha` approaches max-min fairness, `alpha=0` is "
         "the mean (Ban & Ji, ICML 2024).",
     ),
+    "imtl": (
+        "ob.imtl(num_tasks)",
+        "Both the loss scales and the gradient directions differ: the full IMTL (Liu et al., "
+        "ICLR 2021, the hybrid as LibMTL), IMTL-L's learned loss scales with IMTL-G's "
+        "equal-projection closed form on the scaled gradients.",
+    ),
+    # ---- two mini-batches -----------------------------------------------------------------
+    "sdmgrad": (
+        "ob.sdmgrad(lambda_=0.3)",
+        "Mini-batch training where you want MGDA's conflict avoidance kept near a preferred "
+        "direction (the mean by default): SDMGrad (Xiao, Ban & Ji, NeurIPS 2023) estimates "
+        "the Gramian without bias from two independent batches; `lambda_` trades the two. "
+        "Needs a second batch (`task_grads2=`).",
+    ),
+    "modo": (
+        "ob.modo(gamma=0.1, rho=0.1)",
+        "Mini-batch MGDA with a convergence guarantee: MoDo (Chen et al., JMLR 2024) takes "
+        "one projected step on the task weights per update, on the cross-Gramian of two "
+        "independent batches (unbiased, where one batch's Gramian is not). Needs a second "
+        "batch (`task_grads2=`).",
+    ),
     "pcd": (
         "ob.pcd(tau=0.02)",
         "One primary task that must keep descending, with the other tasks guaranteed a "
@@ -225,6 +246,20 @@ GUIDE: dict[str, tuple[str, str]] = {
         "Tasks that disagree in sign on some coordinates only (Chen et al., NeurIPS 2020): "
         "per coordinate one sign is kept at random with its purity's odds, which acts as a "
         "regulariser; it adds noise to every step.",
+    ),
+    "moco": (
+        "ob.moco(beta=0.5, gamma=0.1)",
+        "Mini-batch training where MGDA-type weights on noisy gradients are biased: MoCo "
+        "(Fernando et al., ICLR 2023) tracks each task's gradient with a moving average and "
+        "steps the weights on the estimates' Gramian, with a convergence guarantee; the "
+        "update's length follows the losses (the paper trains it with SGD), and it keeps "
+        "one gradient-sized estimate per task.",
+    ),
+    "db_mtl": (
+        "ob.db_mtl(beta=0.9)",
+        "Losses and gradients on very different scales: DB-MTL (Lin et al. 2023) balances "
+        "the losses by their logarithm and the gradients by scaling each task's averaged "
+        "log-loss gradient to the largest norm; keeps one gradient-sized average per task.",
     ),
     "excess_mtl": (
         "ob.excess_mtl()",
@@ -261,6 +296,8 @@ _COST_NOTES = {
     "graddrop": "T backward passes, + O(T·P) (per-coordinate masks)",
     "excess_mtl": "T backward passes, + T·P, and T·P more memory (state)",
     "gradvac_per_leaf": "T backward passes, + T²·P (Gramian per leaf)",
+    "moco": "T backward passes, + ~8 passes over T·P, and T·P more memory (estimates)",
+    "db_mtl": "T backward passes, + ~8 passes over T·P, and T·P more memory (averages)",
 }
 
 
@@ -444,9 +481,6 @@ def measured(results: pathlib.Path | None = None) -> tuple[str, dict[str, list[s
     )
     note = f"Measured: `benchmarks/RESULTS.md`, {where}"
     if stale:
-        note += (
-            ", which the file marks stale (it predates issue 17's kernel changes; "
-            "`make bench` regenerates it)"
-        )
+        note += ", which the file itself marks stale (`make bench` regenerates it)"
     note += ". An empty cell: that run did not time the method."
     return note, figures

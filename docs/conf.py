@@ -66,6 +66,7 @@ PAGES: dict[str, tuple[str, str, list[str]]] = {
             "Conventions",
             "Task heads: marking parameters as not shared",
             "Loss-based methods: one backward pass",
+            "Two mini-batches (SDMGrad, MoDo)",
             "Balancing at the memory of one gradient",
             "Balancing at the shared representation (EnCodec, MGDA-UB)",
             "Many devices",
