@@ -93,6 +93,13 @@ MORE: dict[str, Callable[[], optax.GradientTransformationExtraArgs]] = {
     "UW": lambda: ob.uw(T),
     "STCH": lambda: ob.stch(mu=1.0, num_tasks=T),
     "MGDA-l2": lambda: ob.mgda(norm_type="l2", num_tasks=T),
+    "IMTL": lambda: ob.imtl(T),
+    "DB-MTL": lambda: ob.db_mtl(num_tasks=T),
+    "MoCo": lambda: ob.moco(num_tasks=T),
+    # Two-batch methods: the toy is deterministic, so the second batch is the first
+    # (their cross-Gramian is then the Gramian).
+    "MoDo": lambda: ob.modo(num_tasks=T),
+    "SDMGrad": lambda: ob.sdmgrad(num_tasks=T),
 }
 
 # Starts: CAGrad's toy.py (first three), then the three more of Nash-MTL's / FAMO's five.
@@ -137,12 +144,15 @@ def run(
 ) -> np.ndarray:
     """Positions of every start after each step, ``(steps + 1, num_starts, 2)``."""
     tx = optax.chain(method, optax.adam(LR))
+    # SDMGrad, MoDo read the cross-Gramian of two batches: they need task_grads2=.
+    two_batches = "cross_gram" in getattr(getattr(method, "weighting", None), "needs", ())
     floor = jnp.array([LOSS_FLOOR * scale, LOSS_FLOOR])
 
     def step(carry, _):
         x, opt_state = carry
         losses, grads = ob.value_and_task_grads(toy_losses)(x, scale)  # (2,), (2, 2)
-        updates, opt_state = tx.update(grads, opt_state, x, task_losses=losses - floor)
+        extra = {"task_grads2": grads} if two_batches else {}
+        updates, opt_state = tx.update(grads, opt_state, x, task_losses=losses - floor, **extra)
         x = jnp.asarray(optax.apply_updates(x, updates))
         return (x, opt_state), x
 

@@ -151,7 +151,7 @@ def test_toy_pareto_fast(tmp_path: pathlib.Path) -> None:
     """
     pytest.importorskip("matplotlib")
     out_png = tmp_path / "toy.png"
-    names = ("mean", "MGDA", "balancer")
+    names = ("mean", "MGDA", "balancer", "MoDo")  # MoDo: the two-batch path (task_grads2=)
     out = run_example(
         "toy_pareto.py", "--steps", "300", "--methods", ",".join(names), "--out", str(out_png)
     )
