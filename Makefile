@@ -45,7 +45,7 @@ demo: $(VENV)/.installed
 	$(PY) examples/quickstart.py
 
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -n $(JOBS)
+	$(PY) -m pytest -n $(JOBS) --dist loadgroup
 
 bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks.run
