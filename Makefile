@@ -46,7 +46,7 @@ demo: $(VENV)/.installed
 	$(PY) examples/quickstart.py
 
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -n $(JOBS)
+	$(PY) -m pytest -n $(JOBS) --dist loadgroup
 
 # The docs site (docs/): Sphinx from the docstrings, README.md and docs/*.md, warnings as
 # errors; open docs/_build/html/index.html. The test suite builds it too.

@@ -55,7 +55,7 @@ from optax_balance._weighted_loss import weighted_loss
 from optax_balance._wrappers._accumulate import accumulate
 from optax_balance._wrappers._cr_mogm import CRMOGMState, cr_mogm
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AlignedMTLState",

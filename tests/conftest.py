@@ -24,3 +24,23 @@ _COMMON = dict(
 settings.register_profile("ci", max_examples=12, derandomize=True, database=None, **_COMMON)
 settings.register_profile("hunt", max_examples=400, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Groups every test of one registry method (``tests/methods.py``) under its name.
+
+    The registry-wide suites (contract, hostile inputs, properties, weightings, ...) share
+    each method's compiled steps through ``tests/inputs.py``'s per-process caches; with
+    ``--dist loadgroup`` (``make test``) a method's tests run in one worker, which compiles
+    them once instead of once per worker.
+    """
+    import pytest
+
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is None or item.get_closest_marker("xdist_group") is not None:
+            continue
+        for value in callspec.params.values():
+            if type(value).__name__ == "Method" and isinstance(getattr(value, "name", None), str):
+                item.add_marker(pytest.mark.xdist_group(value.name))
+                break

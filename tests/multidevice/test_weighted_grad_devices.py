@@ -33,7 +33,18 @@ from tests.multidevice.test_methods_devices import (
     task_losses,
 )
 
-ELIGIBLE = [m for m in METHODS if set(make_tx(m).weighting.needs) <= {"gram", "sq_norms", "losses"}]
+
+def _eligible(m) -> bool:
+    w = make_tx(m).weighting
+    return set(w.needs) <= {"gram", "sq_norms", "losses"} and w.head_scales is None
+
+
+# One method per statistic the one-pass path builds on devices (the Gramian from JVPs with
+# and without losses, squared norms with and without losses, the losses alone): the device
+# sync of ``value_and_weighted_grad`` depends on those, not on a weighting's arithmetic.
+_PATHS = ("mgda_loss+", "upgrad", "pcgrad", "balancer", "gradnorm", "famo", "uw")
+ELIGIBLE = [m for m in METHODS if _eligible(m) and m.name in _PATHS]
+assert len(ELIGIBLE) == len(_PATHS), "tests/methods.py renamed a method _PATHS lists"
 # The same xdist groups as test_methods_devices, so each method's reference is built once.
 PARAMS = [pytest.param(m, id=m.name, marks=pytest.mark.xdist_group(m.name)) for m in ELIGIBLE]
 
