@@ -295,7 +295,8 @@ def test_dtype_in_dtype_out_statistics_in_f32(m, dt):
 
 
 # x64: one subprocess (JAX_ENABLE_X64=1 from the start) runs every method; each test
-# below reads its method's report.
+# below reads its method's report. One xdist group: the subprocess runs once per suite,
+# not once per worker.
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +315,7 @@ def x64_report():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.xdist_group("x64")
 @pytest.mark.parametrize("m", ALL)
 def test_x64_end_to_end(m, x64_report):
     rep = x64_report[m.name]
