@@ -108,7 +108,7 @@ class Method:
     def tracks_gradients(self) -> bool:
         """Whether the output combines tracked gradient estimates (``Weighting.tracked``,
         MoCo, DB-MTL): zero gradients then give a zero output only from a fresh state."""
-        return self.make(1).weighting.tracked is not None
+        return self.make(max(3, self.min_tasks)).weighting.tracked is not None
 
     def head_weights(self, losses: np.ndarray) -> np.ndarray:
         """The weights of the task-specific leaves from a fresh state (ones: the sum)."""
