@@ -24,16 +24,21 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(VENV)/.installed $@
 
-# The torch wheel for the bench extra: a CPU build unless you say otherwise, e.g.
-#   make bench TORCH="torch==2.13.0" TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+# The torch wheel for the bench extra (torchjd's backend): the registry's torch==2.13.0
+# (on Linux x86_64 a CUDA build, which the GPU section needs; CPU-only hosts run it on the
+# CPU), or say otherwise, e.g. a CPU-only build:
+#   make bench TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
+# On a host with an NVIDIA GPU (nvidia-smi on the PATH) JAX also gets its CUDA plugin, so
+# the run uses the GPU and writes RESULTS.md's GPU section; JAX_CUDA= turns that off.
+JAX_CUDA ?= $(if $(shell command -v nvidia-smi 2>/dev/null),jax[cuda12],)
 
-$(VENV)/.installed-bench: pyproject.toml
+$(VENV)/.installed-bench: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH)"
-	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m pip install -q -c constraints.txt $(TORCH_PIP_ARGS) "$(TORCH)"
+	$(PY) -m pip install -q -c constraints.txt -e ".[bench]" $(if $(JAX_CUDA),"$(JAX_CUDA)")
 	touch $(VENV)/.installed $@
 
 demo: $(VENV)/.installed

@@ -3,9 +3,13 @@
 A line names the ``optax_balance`` factory (looked up with ``getattr``, so a method that is
 not in this build of the library is skipped with a printed note), the keyword arguments
 it is built with, the target class (``"gram"``: needs the Gramian, about two passes over
-the gradients, target 3x the one-pass floor; ``"norm"``: needs only norms, target 2x),
-and the torchjd aggregator it is compared with (``None``: torchjd has no counterpart).
-Both libraries run with their default hyperparameters unless the line says otherwise.
+the gradients, target 3x the one-pass floor at T <= 8 and 4x at T = 32, and a train step
+within 1.15x of the equal-weight step at T = 8; ``"norm"``: needs only norms, target 2x;
+``"coord"``: works coordinate by coordinate on the stacked gradients, as GradDrop's masks
+and TrimmedMean's ranks, target 4x), the torchjd aggregator it is compared with
+(``None``: torchjd has no counterpart), and the smallest T it accepts (``min_tasks``:
+Krum, TrimmedMean; smaller T are skipped). Both libraries run with their default
+hyperparameters unless the line says otherwise.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ import optax_balance as ob
 class BenchMethod:
     name: str
     factory: str  # attribute of optax_balance
-    kind: Literal["gram", "norm"]
+    kind: Literal["gram", "norm", "coord"]
     kwargs: Callable[[int], dict[str, Any]] = lambda t: {}
     torchjd: str | None = None  # class name in torchjd.aggregation
     torchjd_kwargs: Callable[[int], dict[str, Any]] = lambda t: {}
     needs_losses: bool = False
+    min_tasks: int = 1
 
     def available(self) -> bool:
         return callable(getattr(ob, self.factory, None))
@@ -44,6 +49,16 @@ class BenchMethod:
 
 
 M = BenchMethod
+
+
+def _krum(t: int) -> dict[str, Any]:  # Krum and TrimmedMean: the same in both libraries
+    return {"n_byzantine": 1}
+
+
+def _tm(t: int) -> dict[str, Any]:
+    return {"trim_number": 1}
+
+
 METHODS: list[BenchMethod] = [
     M("mgda", "mgda", "gram", torchjd="MGDA"),
     M("upgrad", "upgrad", "gram", torchjd="UPGrad"),
@@ -56,7 +71,28 @@ METHODS: list[BenchMethod] = [
     M("balancer", "balancer", "norm", kwargs=lambda t: {"weights": [1.0] * t}),
     M("gradnorm", "gradnorm", "norm", needs_losses=True),
     M("metabalance", "metabalance", "norm"),
+    M("gradvac", "gradvac", "gram", torchjd="GradVac"),
+    M("graddrop", "graddrop", "coord", torchjd="GradDrop"),
+    M("con_fig", "con_fig", "gram", torchjd="ConFIG"),
+    M("krum", "krum", "gram", kwargs=_krum, torchjd="Krum", torchjd_kwargs=_krum, min_tasks=4),
+    M(
+        "trimmed_mean",
+        "trimmed_mean",
+        "coord",
+        kwargs=_tm,
+        torchjd="TrimmedMean",
+        torchjd_kwargs=_tm,
+        min_tasks=3,
+    ),
+    M("fairgrad", "fairgrad", "gram", torchjd="FairGrad", torchjd_kwargs=lambda t: {"alpha": 1.0}),
+    M("excess_mtl", "excess_mtl", "gram", torchjd="ExcessMTL"),
+    M("pcd", "pcd", "gram", torchjd="PCD"),
 ]
+# The loss-based methods (ob.famo, ob.uw, ob.dwa, ...) are not listed: on stacked
+# gradients their `update` is the floor itself (one pass, weights from T losses), their
+# point is the one-backward train step, which benchmarks/loss_cost.py times against the
+# plain summed loss, and torchjd's counterparts are scalarizers of the losses, not
+# aggregators of a Jacobian.
 
 
 def select(names: str | None) -> tuple[list[BenchMethod], list[str]]:
@@ -72,7 +108,7 @@ def select(names: str | None) -> tuple[list[BenchMethod], list[str]]:
             )
             continue
         try:
-            m.make(2)
+            m.make(max(2, m.min_tasks))
         except (TypeError, ValueError) as e:
             notes.append(f"`ob.{m.factory}` could not be built as listed ({e}): {m.name} skipped.")
             continue

@@ -96,9 +96,12 @@ def methods(num_tasks: int) -> dict[str, Callable[[], optax.GradientTransformati
             "gradnorm",
             lambda: ob.gradnorm(num_tasks, alpha=1.5, norm_mask=LAST_LAYER, shared=SHARED),
         ),
-        "MGDA": ("mgda", lambda: ob.mgda(shared=SHARED)),
+        "MGDA": ("mgda", lambda: ob.mgda(shared=SHARED, num_tasks=num_tasks)),
         "balancer": ("balancer", lambda: ob.balancer([1.0] * num_tasks, shared=SHARED)),
-        "MetaBalance": ("metabalance", lambda: ob.metabalance(main_task=0, shared=SHARED)),
+        "MetaBalance": (
+            "metabalance",
+            lambda: ob.metabalance(main_task=0, shared=SHARED, num_tasks=num_tasks),
+        ),
     }
     out = {}
     for name, (attr, make) in candidates.items():
@@ -120,7 +123,7 @@ def train(
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Trains; returns the final params, and every `every` steps the weights and test losses.
 
-    The step count is rounded down to a multiple of `every` (one extra first step).
+    The step count is rounded down to a multiple of `every`.
     """
     x, y, x_eval, y_eval = data
     tx = optax.chain(balance, optax.adam(lr))
@@ -138,10 +141,9 @@ def train(
         return carry, (weights[-1], task_losses(carry[0], x_eval, y_eval))
 
     keys = jax.random.split(jax.random.key(2), (steps // every, every))
+    # Every method is built with its task count, so `init` gives the state its final shape,
+    # as the scan carry needs: all of training is one compiled loop.
     opt_state = tx.init(params)
-    # The first update runs outside lax.scan: methods built without `num_tasks` create their
-    # full-size state there, and the scan carry must keep one shape.
-    params, opt_state = jax.jit(step)((params, opt_state), keys[0, 0])[0]
     run = jax.jit(lambda carry, ks: jax.lax.scan(chunk, carry, ks))
     (params, _), (weights, losses) = run((params, opt_state), keys)
     weights, losses = np.asarray(weights), np.asarray(losses)

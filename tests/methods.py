@@ -52,7 +52,13 @@ class Method:
         ``ValueError`` whose message holds the fragment.
       conflict_slack: ``(J, |w|) -> (T,)`` extra tolerance on ``g_i . d`` for methods whose
         non-conflict holds up to a documented bound (UPGrad's and DualProj's ridge).
+      stacked_init: ``optax.MultiSteps`` can wrap it (its ``init`` hands the method the
+        stacked tree). False for a state shaped like the stacked gradients, built from the
+        params given to ``init``: ``update`` then raises a ``ValueError`` naming MultiSteps.
       notes: why a property is not claimed, or anything a reader of the suite should know.
+      min_tasks: the smallest T the method accepts with the registry's hyperparameters
+        (Krum, TrimmedMean: a ``ValueError`` below it); suites that run smaller T (the
+        single-task test, the property draws of T in 2..4) skip them.
     """
 
     name: str
@@ -70,7 +76,9 @@ class Method:
     static: Callable[[int], dict[str, Any]] | None = None
     invalid: tuple[tuple[dict[str, Any], str], ...] = ()
     conflict_slack: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    stacked_init: bool = True
     notes: str = ""
+    min_tasks: int = 1
 
     @property
     def losses_used(self) -> bool:
@@ -254,6 +262,175 @@ METHODS: list[Method] = [
         static=lambda t: {"num_tasks": t, "update_weights_every": 1, "optim_niter": 20},
         invalid=(({"max_norm": -1.0}, "`max_norm` must be in [0, inf)"),),
     ),
+    Method(
+        "gradvac",
+        lambda t, **kw: ob.gradvac(seed=0, num_tasks=t, **kw),
+        permutation_invariant=False,
+        stochastic=True,
+        factory=ob.gradvac,
+        static=lambda t: {"num_tasks": t, "seed": 0},
+        invalid=(
+            ({"beta": 1.5}, "`beta` must be in [0, 1]"),
+            ({"eps": -1.0}, "`eps` must be in [0, inf)"),
+        ),
+        notes="random order per step (as PCGrad, which its first step is); the absolute eps "
+        "makes it not homogeneous for small gradients; the corrected sum can conflict",
+    ),
+    Method(
+        "gradvac_per_leaf",
+        lambda t, **kw: ob.gradvac(seed=0, per_leaf=True, num_tasks=t, **kw),
+        permutation_invariant=False,
+        stochastic=True,
+        factory=ob.gradvac,
+        static=lambda t: {"num_tasks": t, "seed": 0, "per_leaf": True},
+        notes="as gradvac, leaf by leaf (per-leaf targets and weights)",
+    ),
+    Method(
+        "graddrop",
+        lambda t, **kw: ob.graddrop(seed=0, num_tasks=t, **kw),
+        stochastic=True,
+        homogeneous=True,
+        factory=ob.graddrop,
+        static=lambda t: {"num_tasks": t, "seed": 0},
+        invalid=(({"leak": [0.5, 1.5, 0.0]}, "`leak` must hold values in [0, 1]"),),
+        notes="per-coordinate masks from one uniform per coordinate (the same for every task "
+        "order, so permutation invariant for a given key); a random sign choice conflicts",
+    ),
+    Method(
+        "con_fig",
+        lambda t, **kw: ob.con_fig(num_tasks=t, **kw),
+        homogeneous=True,
+        factory=ob.con_fig,
+        static=lambda t: {"num_tasks": t},
+        invalid=(({"pref_vector": [1.0, -1.0, 1.0]}, "`pref_vector` must be finite and >= 0"),),
+        notes="conflict-free only when the unit gradients are independent; with T > rank the "
+        "pseudo-inverse's least squares can conflict",
+    ),
+    Method(
+        "krum",
+        lambda t, **kw: ob.krum(0, num_tasks=t, **kw),
+        permutation_invariant=False,
+        homogeneous=True,
+        factory=ob.krum,
+        static=lambda t: {"n_byzantine": 0, "n_selected": 1, "num_tasks": t},
+        invalid=(
+            ({"n_byzantine": -1}, "`n_byzantine` must be an integer in [0, inf)"),
+            ({"n_selected": 0}, "`n_selected` must be an integer in [1, inf)"),
+            ({"n_byzantine": 1}, "needs at least 4 tasks"),
+        ),
+        min_tasks=3,
+        notes="selects one task's gradient, which may conflict with the others'; at T = "
+        "n_byzantine + 3 the two mutually nearest gradients always tie, and ties go to the "
+        "lower index, so permuting the tasks can change the pick",
+    ),
+    Method(
+        "trimmed_mean",
+        lambda t, **kw: ob.trimmed_mean(1, num_tasks=t, **kw),
+        homogeneous=True,
+        factory=ob.trimmed_mean,
+        static=lambda t: {"trim_number": 1, "num_tasks": t},
+        invalid=(
+            ({"trim_number": -1}, "`trim_number` must be an integer in [0, inf)"),
+            ({"trim_number": 2}, "needs at least 5 tasks"),
+        ),
+        min_tasks=3,
+        notes="a coordinate-wise median for T=3: conflicts whenever the majority opposes a task",
+    ),
+    Method(
+        "fairgrad",
+        lambda t, **kw: ob.fairgrad(num_tasks=t, **kw),
+        non_conflicting=True,
+        factory=ob.fairgrad,
+        static=lambda t: {"num_tasks": t},
+        invalid=(
+            ({"alpha": -1.0}, "`alpha` must be in [0, inf)"),
+            ({"max_iters": 0}, "`max_iters` must be an integer in [1, inf)"),
+        ),
+        notes="g_i.d = w_i^(-1/alpha) > 0 at the solution; where none exists (opposite "
+        "gradients) the stopped solve leaves d orthogonal to them up to rounding",
+    ),
+    Method(
+        "excess_mtl",
+        lambda t, **kw: ob.excess_mtl(num_tasks=t, **kw),
+        factory=ob.excess_mtl,
+        static=lambda t: {"num_tasks": t, "n_warmup_steps": 0},
+        invalid=(
+            ({"robust_step_size": 0.0}, "`robust_step_size` must be in (0, inf)"),
+            ({"n_warmup_steps": -1}, "`n_warmup_steps` must be an integer in [0, inf)"),
+        ),
+        stacked_init=False,
+        notes="weights on the simplex: a weighted mean, conflicts whenever tasks oppose",
+    ),
+    Method(
+        "pcd",
+        lambda t, **kw: ob.pcd(num_tasks=t, **kw),
+        permutation_invariant=False,
+        factory=ob.pcd,
+        static=lambda t: {"num_tasks": t},
+        invalid=(
+            ({"tau": 1.5}, "`tau` must be in [0, 1]"),
+            ({"tau": [0.1, -0.1]}, "`tau` must be in [0, 1] (every entry)"),
+            ({"tau": [0.1, 0.2, 0.3]}, "built for 4 tasks"),
+            ({"beta": 1.0}, "`beta` must be in [0, 1)"),
+            ({"eps": -1.0}, "`eps` must be in [0, inf)"),
+        ),
+        notes="task 0 is primary: a secondary task opposed to it can reverse d against it",
+    ),
 ]
+
+# Loss-based methods (issue 14): weights from the losses alone, so they are unchanged by
+# any scaling of the gradients (homogeneous, scale-invariant weights) and the output is a
+# weighted sum of the gradients, which conflicts whenever tasks oppose.
+_LOSS = dict(needs_losses=True, homogeneous=True, scale_invariant_weights=True)
+_LOSS_NOTE = "weights from the losses alone: a weighted sum, conflicts whenever tasks oppose"
+
+
+def _ramp(t: int) -> list[float]:
+    return [1.0 + i / max(t - 1, 1) for i in range(t)]
+
+
+_BAD_OPT = ({"weight_optimizer": "adam"}, "`weight_optimizer` must be an optax")
+METHODS += [
+    Method("mean", lambda t, **kw: ob.mean(num_tasks=t, **kw), **_LOSS, factory=ob.mean,
+           static=lambda t: {"num_tasks": t}, notes=_LOSS_NOTE),
+    Method("sum", lambda t, **kw: ob.sum(num_tasks=t, **kw), **_LOSS, factory=ob.sum,
+           static=lambda t: {"num_tasks": t}, notes=_LOSS_NOTE),
+    Method("constant", lambda t, **kw: ob.constant(_ramp(t), **kw), **_LOSS,
+           permutation_invariant=False, factory=ob.constant,
+           static=lambda t: {"weights": _ramp(t)},
+           invalid=(({"weights": [1.0, -1.0]}, "`weights` must be finite and >= 0"),),
+           notes="weights 1..2 by position, so permuting the tasks changes the method"),
+    Method("rlw", lambda t, **kw: ob.rlw(num_tasks=t, **kw), **_LOSS, stochastic=True,
+           permutation_invariant=False, factory=ob.rlw,
+           static=lambda t: {"num_tasks": t, "seed": 0},
+           notes="random weights per step (by position, from the key in the state)"),
+    Method("uw", lambda t, **kw: ob.uw(t, **kw), **_LOSS, factory=ob.uw,
+           static=lambda t: {"num_tasks": t},
+           invalid=(({"init": float("nan")}, "`init` must be in"), _BAD_OPT),
+           notes=_LOSS_NOTE),
+    Method("imtl_l", lambda t, **kw: ob.imtl_l(t, **kw), **_LOSS, factory=ob.imtl_l,
+           static=lambda t: {"num_tasks": t}, invalid=(_BAD_OPT,), notes=_LOSS_NOTE),
+    Method("dwa", lambda t, **kw: ob.dwa(num_tasks=t, **kw), **_LOSS, factory=ob.dwa,
+           static=lambda t: {"num_tasks": t, "every": 1},
+           invalid=(({"temperature": 0.0}, "`temperature` must be in (0, inf)"),
+                    ({"every": 0}, "`every` must be an integer in [1, inf)")),
+           notes=_LOSS_NOTE),
+    Method("gls", lambda t, **kw: ob.gls(num_tasks=t, **kw), **_LOSS, factory=ob.gls,
+           static=lambda t: {"num_tasks": t}, notes=_LOSS_NOTE),
+    Method("famo", lambda t, **kw: ob.famo(t, **kw), **_LOSS, factory=ob.famo,
+           static=lambda t: {"num_tasks": t},
+           invalid=(({"lr": -1.0}, "`lr` must be in [0, inf)"),
+                    ({"min_losses": [0.0, 0.0]}, "`min_losses` has 2 entries")),
+           notes=_LOSS_NOTE),
+    Method("stch", lambda t, **kw: ob.stch(mu=0.5, num_tasks=t, **kw), **_LOSS,
+           factory=ob.stch, static=lambda t: {"mu": 0.5, "num_tasks": t},
+           invalid=(({"mu": 0.0}, "`mu` must be in (0, inf)"),), notes=_LOSS_NOTE),
+    Method("cosmos", lambda t, **kw: ob.cosmos(lambda_=0.1, weights=[1.0] * t, **kw), **_LOSS,
+           factory=ob.cosmos, static=lambda t: {"lambda_": 0.1, "weights": [1.0] * t},
+           invalid=(({"lambda_": -1.0}, "`lambda_` must be in [0, inf)"),), notes=_LOSS_NOTE),
+    Method("pbi", lambda t, **kw: ob.pbi(theta=1.0, weights=[1.0] * t, **kw), **_LOSS,
+           factory=ob.pbi, static=lambda t: {"theta": 1.0, "weights": [1.0] * t},
+           invalid=(({"theta": -1.0}, "`theta` must be in [0, inf)"),), notes=_LOSS_NOTE),
+]  # fmt: skip
 
 METHOD_IDS = [m.name for m in METHODS]

@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -33,11 +35,13 @@ def test_bench_quick_prints_tables(tmp_path: pathlib.Path) -> None:
         "## 1. Aggregation cost",
         "## 2. Side by side with torchjd",
         "## 3. Train-step overhead",
-        "## 4. Compile time",
-        "## GPU",
+        "## 4. Compiled step memory",
+        "## 5. Compile time",
         "## Cells that miss their target",
     ):
         assert heading in text and heading in proc.stdout
+    # A CPU run leaves a GPU block (here the placeholder) for a GPU run to fill.
+    assert text.count("<!-- gpu:begin -->") == 1 and "## GPU" in text
     # The aggregation table has a header, a rule and one row for mgda at T=2, P=1e4.
     lines = text.splitlines()
     i = lines.index("| method | kind | T | P | floor ms | ours ms | ours/floor | target |")
@@ -46,7 +50,38 @@ def test_bench_quick_prints_tables(tmp_path: pathlib.Path) -> None:
     assert row[0] == "| mgda" and row[1] == "gram" and row[2] == "2" and row[3] == "1e+04"
     assert float(row[4]) > 0 and float(row[5]) > 0
     assert "unknown method 'not_a_method'" in text
-    assert "| mgda | " in text.split("## 4. Compile time")[1]
+    assert "| mgda | " in text.split("## 5. Compile time")[1]
+    memory = text.split("## 4. Compiled step memory")[1].split("## 5.")[0]
+    row = next(r for r in memory.splitlines() if r.startswith("| mgda | 2 |")).split(" | ")
+    assert all(float(v) > 0 for v in row[2:8])
+    assert "Host transfers: every timed `update` also ran once" in text
+    if "torchjd comparison skipped" not in text:  # torch installed: best of 1 and 2 threads
+        torch_row = next(r for r in text.splitlines() if r.startswith("| mgda | MGDA | 2 |"))
+        assert torch_row.split(" | ")[6] in {"1", "2"}
+
+
+def test_results_splice_keeps_the_other_backend(tmp_path: pathlib.Path) -> None:
+    from benchmarks import run
+
+    cpu_v1 = "# optax_balance benchmarks\n\n## 1. cpu tables v1"
+    first = run.splice("", cpu_v1, gpu=False)
+    assert first.startswith(cpu_v1) and run.NO_GPU in first
+    with_gpu = run.splice(first, "## GPU\n\ngpu tables", gpu=True)
+    assert with_gpu.startswith(cpu_v1) and "gpu tables" in with_gpu
+    assert run.NO_GPU not in with_gpu
+    again = run.splice(with_gpu, "# optax_balance benchmarks\n\n## 1. cpu tables v2", gpu=False)
+    assert "cpu tables v2" in again and "cpu tables v1" not in again and "gpu tables" in again
+    assert again.count(run.GPU_BEGIN) == again.count(run.GPU_END) == 1
+    assert run.splice("", "## GPU\n\ngpu only", gpu=True).count(run.GPU_BEGIN) == 1
+
+
+def test_device_drawn_gradients_have_the_benchmark_shapes() -> None:
+    from benchmarks import run
+
+    tree, mat = run.stacked_grads_on_device(3, 2000)
+    shapes = {k: (3, *s) for k, s in run.leaf_shapes(2000).items()}
+    assert {k: v.shape for k, v in tree.items()} == shapes and mat.shape == (3, 2000)
+    np.testing.assert_array_equal(np.asarray(mat[:, :1000]), np.asarray(tree["w1"]).reshape(3, -1))
 
 
 def test_method_list_skips_what_the_library_lacks(monkeypatch) -> None:

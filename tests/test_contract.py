@@ -203,10 +203,20 @@ def test_multisteps_balances_the_mean_gradient(m):
     k = 3
     ms = optax.MultiSteps(m.make(T), every_k_schedule=k)
     stacked_like = I.tree(np.zeros((T, I.N), np.float32))
+    if not m.stacked_init:  # state shaped like the stacked gradients, from init's params
+        with pytest.raises(ValueError, match="MultiSteps"):
+            jax.eval_shape(
+                lambda g, s: ms.update(g, s, None, task_losses=L0),
+                stacked_like,
+                ms.init(stacked_like),
+            )
+        return
     js = [J0, J1, I.rand_j(3, T)]
     ls = [L0, 2.0 * L0, 0.5 * L0]
 
-    update = jax.jit(lambda g, s, losses: ms.update(g, s, None, task_losses=losses))
+    # params tell stacked from ordinary gradients for the loss-based methods, whose update
+    # takes both (here every leaf's leading axis is T, so without params both readings fit).
+    update = jax.jit(lambda g, s, losses: ms.update(g, s, I.params(), task_losses=losses))
     s, outs = ms.init(stacked_like), []
     for j, losses in zip(js, ls):
         o, s = update(I.tree(j), s, losses)

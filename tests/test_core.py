@@ -49,6 +49,29 @@ def test_combine_weights_shared_and_sums_task_specific_leaves():
     np.testing.assert_allclose(out["head"], tree["head"].sum(0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("t", [1, 3, 40])  # 40: past the unrolled sum, the fori_loop
+def test_combine_per_coordinate_weights(t):
+    rng = np.random.default_rng(t)
+    g = rng.normal(size=(t, 4, 5)).astype(np.float32)
+    w = rng.uniform(-1.0, 2.0, size=(t, 4, 5)).astype(np.float32)
+    want = np.sum(w.astype(np.float64) * g, axis=0)
+    got = _core.combine_leaf(jnp.asarray(w), jnp.asarray(g))
+    bound = 6 * np.sqrt(t + 1) * 2.0**-24 * np.sum(np.abs(w.astype(np.float64) * g), axis=0)
+    assert got.dtype == jnp.float32 and np.all(np.abs(np.asarray(got) - want) <= bound)
+    low = _core.combine_leaf(jnp.asarray(w), jnp.asarray(g, jnp.bfloat16))
+    assert low.dtype == jnp.bfloat16  # accumulated in f32, returned in the leaf's dtype
+
+
+def test_combine_single_leaf_tree_with_per_coordinate_weights():
+    # The params tree is one array: its per-coordinate weights are one (T, ...) array too.
+    g = jnp.asarray(np.random.default_rng(3).normal(size=(3, 4)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(4).uniform(size=(3, 4)), jnp.float32)
+    np.testing.assert_allclose(_core.combine(g, w, True), np.sum(w * g, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(
+        _core.combine(g, jnp.array([1.0, 2.0, 3.0]), True), np.array([1.0, 2.0, 3.0]) @ g, rtol=1e-6
+    )
+
+
 def test_combine_keeps_leaf_dtype():
     g = jnp.ones((2, 3), jnp.bfloat16)
     assert _core.combine_leaf(jnp.array([0.5, 0.5]), g).dtype == jnp.bfloat16

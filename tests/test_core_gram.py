@@ -1,4 +1,5 @@
-"""The core's Gramian against a NumPy float64 Gramian, for every code path of leaf_gram."""
+"""The core's statistic kernels: the Gramian against NumPy float64 for every code path of
+leaf_gram, and the non-finite test of the guard."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from optax_balance import _core
 from optax_balance._core import _gram
-from tests.tolerance import assert_gram_close
+from tests.tolerance import assert_gram_close, dot_bound
 
 # Shapes hit the blocked path (a divisor in 16..1024), the flat path (primes), tiny leaves.
 SHAPES = [(128, 64), (37, 11), (5,), (1,), (64,), (3, 1000), (101, 13), (7919,)]
@@ -50,27 +51,28 @@ def test_gramian_zero_gradients() -> None:
             np.testing.assert_array_equal(np.asarray(g), np.zeros((t, t)))
 
 
-# Each CPU kernel, called directly, on shapes that reach every branch: exact block
-# divisors, a tail after the blocks (n with no divisor in 16..1024), several loop chunks
-# plus a remainder, and leaves of one or two chunks (a single dot).
-KERNEL_SIZES = [1, 17, 7919, 65536 + 7919, 3 * _gram._CHUNK + 5, 2 * _gram._CHUNK]
+# Each CPU kernel, called directly, on shapes that reach every branch: leaves shorter than
+# two chunks (one dot), several loop chunks plus an odd tail, an exact number of chunks.
+KERNEL_SIZES = [1, 17, 7919, 2 * _gram._MAX_CHUNK, 3 * _gram._MAX_CHUNK + 5]
 
 
 def _chunked(kernel, chunk):
     return lambda x, dt: _gram._gram_chunked(kernel, x, dt, chunk)
 
 
-@pytest.mark.parametrize("kernel", ["pairs", "dot", "chunked pairs", "chunked dot"])
-@pytest.mark.parametrize("t", [2, 3, 12, 13])
+@pytest.mark.parametrize("kernel", ["dot", "split dot", "chunked dot", "chunked split dot"])
+@pytest.mark.parametrize("t", [2, 3, 13])
 def test_each_kernel_matches_float64(kernel: str, t: int) -> None:
     fn = {
-        "pairs": _gram._gram_pairs,
         "dot": _gram._gram_dot,
-        "chunked pairs": _chunked(_gram._gram_pairs, _gram._CHUNK),
-        "chunked dot": _chunked(_gram._gram_dot, _gram._CHUNK),
+        "split dot": _gram._gram_split_dot,
+        "chunked dot": _chunked(_gram._gram_dot, _gram._MIN_CHUNK),
+        "chunked split dot": _chunked(_gram._gram_split_dot, _gram._MIN_CHUNK),
     }
     rng = np.random.default_rng(100 + t)
     for n in KERNEL_SIZES:
+        if "split" in kernel and n % 2 and (kernel == "split dot" or n < 2 * _gram._MIN_CHUNK):
+            continue  # the split kernel takes even lengths (the core sends it only those)
         x = (rng.standard_normal((t, n)) * rng.uniform(0.1, 10.0, (t, 1))).astype(np.float32)
         got = np.asarray(jax.jit(fn[kernel], static_argnums=1)(jnp.asarray(x), jnp.float32))
         assert got.shape == (t, t) and got.dtype == np.float32
@@ -78,21 +80,32 @@ def test_each_kernel_matches_float64(kernel: str, t: int) -> None:
         np.testing.assert_array_equal(got, got.T)
 
 
-@pytest.mark.parametrize("t", [3, 8, 12, 13, 20])
+def test_chunk_columns() -> None:
+    """About _CHUNK_BYTES of float32 per chunk up to T=12, a power of two within the clip."""
+    got = {t: _gram._chunk_columns(t) for t in (1, 2, 3, 4, 5, 8, 12, 13, 32, 1000)}
+    want = {1: 16384, 2: 16384, 3: 8192, 4: 8192, 5: 4096, 8: 4096, 12: 4096}
+    assert got == want | {13: 16384, 32: 16384, 1000: 16384}
+
+
+@pytest.mark.parametrize("t", [2, 3, 8, 20])
 def test_core_picks_a_kernel_for_every_size(t: int) -> None:
-    """leaf_gram on leaves below and above the size thresholds, bf16 and float32."""
+    """leaf_gram on leaves below and above the chunk and split thresholds, bf16 and f32.
+
+    At T=2 the even lengths take the split dot and the odd one the plain dot.
+    """
     rng = np.random.default_rng(t)
-    for shape in [(40,), (300, 250), (_gram._PAIR_MIN_N + 3,)]:
+    for shape in [(40,), (300, 250), (2 * _gram._MAX_CHUNK + 3,), (3000,)]:
         for dtype in (jnp.float32, jnp.bfloat16):
             x = jnp.asarray(rng.standard_normal((t, *shape)), dtype)
             got = np.asarray(jax.jit(_gram.leaf_gram)(x), np.float64)
             assert_gram_close(got, x.astype(jnp.float32))
 
 
-def test_bf16_pairs_accumulate_in_float32() -> None:
+@pytest.mark.parametrize("t", [2, 8])
+def test_bf16_dots_accumulate_in_float32(t: int) -> None:
     # 2^16 copies of 1 + 2^-7 (exact in bf16): a bf16 accumulator would stall at 256.
-    x = jnp.full((2, 1 << 16), 1 + 2.0**-7, jnp.bfloat16)
-    got = np.asarray(_gram._gram_pairs(x, jnp.float32))
+    x = jnp.full((t, 1 << 16), 1 + 2.0**-7, jnp.bfloat16)
+    got = np.asarray(jax.jit(_gram.leaf_gram)(x))
     assert_gram_close(got, x.astype(jnp.float32))
 
 
@@ -118,3 +131,33 @@ def test_gramian_of_gradients_made_in_the_same_jit(t: int) -> None:
 
     got, g = gram(w, ys)
     assert_gram_close(got, g)
+
+
+def test_all_finite_on_large_arrays() -> None:
+    """The non-finite guard's test: any Inf or NaN anywhere, never an overflow of a sum."""
+    fin = jax.jit(_core.all_finite)
+    n = 3 * _gram._MAX_CHUNK + 5
+    big = np.full((4, n), 3e38, np.float32)  # sums of these overflow; the values are finite
+    assert bool(fin(jnp.asarray(big)))
+    assert bool(fin({"a": jnp.asarray(-big).astype(jnp.bfloat16), "i": jnp.arange(3)}))
+    for bad in (np.inf, -np.inf, np.nan):
+        for pos in [(0, 0), (3, n - 1), (2, n // 2)]:
+            x = big.copy()
+            x[pos] = bad
+            assert not bool(fin({"ok": jnp.ones(3), "x": jnp.asarray(x)})), (bad, pos)
+            assert not bool(fin(jnp.asarray(x).astype(jnp.bfloat16))), (bad, pos)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_sq_norms_of_long_leaves(dtype) -> None:
+    """leaf_sq_norms on (T, n) views of 3-D leaves (the barrier path) and on 2-D leaves."""
+    rng = np.random.default_rng(7)
+    n_long = 70_000
+    for shape in [(n_long // 40, 40), (n_long,), (300, 7)]:
+        scale = np.asarray([10.0, 1.0, 1e-3]).reshape((3,) + (1,) * len(shape))
+        x = jnp.asarray(rng.standard_normal((3, *shape)) * scale, dtype)
+        got = np.asarray(jax.jit(_gram.leaf_sq_norms)(x), np.float64)
+        f = np.asarray(x.astype(jnp.float32), np.float64).reshape(3, -1)
+        want = np.sum(f * f, axis=1)
+        bound = dot_bound(want, f.shape[1])
+        assert np.all(np.abs(got - want) <= bound), (shape, got, want)

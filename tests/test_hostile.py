@@ -73,6 +73,8 @@ def test_finite_output_and_state(m, case, fresh):
 @pytest.mark.parametrize("m", ALL)
 def test_single_task(m):
     """T=1: the output is a non-negative multiple of the only gradient, leaf by leaf."""
+    if m.min_tasks > 1:
+        pytest.skip(f"{m.name} needs T >= {m.min_tasks} (tested in its own file)")
     st = I.stepper(m.name, 1)
     g0 = I.rand_j(7, 1)
     js = np.stack([g0, 0 * g0, 1e-10 * g0, 1e10 * g0, -g0]).astype(np.float32)
@@ -105,7 +107,7 @@ def test_nonfinite_gradient_keeps_state(m, case, fresh):
     # optax.apply_if_finite after the method sees it) ...
     assert not np.all(np.isfinite(np.asarray(out["dense"]["w"])))
     # ... and the clean leaf is combined with the previous weights.
-    want = I.combination(state_in.weights, j)[:2]
+    want = I.combination(state_in.weights, j[:, :2])  # the bias columns (0 * inf is NaN)
     np.testing.assert_allclose(np.asarray(out["bias"], np.float64), want, rtol=1e-5, atol=1e-7)
 
 
@@ -234,8 +236,9 @@ def test_task_specific_leaf_summed_and_nan_there(m):
     summed leaf is NaN, which ``optax.apply_if_finite`` after the method sees.
     """
     tx = m.make(T, shared={"bias": False, "dense": True})
+    p = I.params()  # tells the loss-based methods these are stacked gradients
     step = jax.jit(
-        jax.vmap(lambda g, s, losses: tx.update(g, s, None, task_losses=losses), (0, None, 0))
+        jax.vmap(lambda g, s, losses: tx.update(g, s, p, task_losses=losses), (0, None, 0))
     )
     nan_in_bias = J0.copy()
     nan_in_bias[1, 0] = np.nan

@@ -33,13 +33,19 @@ def _numpy_stats(j: np.ndarray, losses: np.ndarray, needs: tuple[str, ...]) -> o
         fields["gram"] = gram
     if "gram" in needs or "sq_norms" in needs:
         fields["sq_norms"] = np.diag(gram)
+    treedef = jax.tree.structure(I.params())
+    blocks, start = [], 0
+    for size in I.SIZES:
+        blocks.append(j[:, start : start + size])
+        start += size
     if "leaf_sq_norms" in needs:
-        per_leaf, start = [], 0
-        for size in I.SIZES:
-            block = j[:, start : start + size]
-            per_leaf.append(np.sum(block**2, axis=1))
-            start += size
-        fields["leaf_sq_norms"] = jax.tree.unflatten(jax.tree.structure(I.params()), per_leaf)
+        fields["leaf_sq_norms"] = jax.tree.unflatten(
+            treedef, [np.sum(b**2, axis=1) for b in blocks]
+        )
+    if "leaf_gram" in needs:
+        fields["leaf_gram"] = jax.tree.unflatten(treedef, [b @ b.T for b in blocks])
+    if "grads" in needs:  # the stacked gradients themselves, leaf-shaped
+        fields["grads"] = jax.tree.map(lambda g: np.asarray(g, np.float64), I.tree(j))
     if "losses" in needs:
         fields["losses"] = losses
     cast = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), fields)
@@ -62,11 +68,11 @@ def test_weighting_equals_the_transformation(m):
         weights, state_w = weigh(_numpy_stats(j, losses, w.needs), state_w)
         if isinstance(weights, jax.Array):
             want = np.asarray(weights, np.float64) @ j.astype(np.float64)
-        else:  # per-leaf weights (MetaBalance)
-            parts = [
-                np.asarray(wl, np.float64) @ np.asarray(g, np.float64).reshape(T, -1)
-                for wl, g in zip(jax.tree.leaves(weights), jax.tree.leaves(I.tree(j)))
-            ]
+        else:  # per-leaf weights (MetaBalance) or per-coordinate ones (GradDrop)
+            parts = []
+            for wl, g in zip(jax.tree.leaves(weights), jax.tree.leaves(I.tree(j))):
+                wl, g = np.asarray(wl, np.float64), np.asarray(g, np.float64).reshape(T, -1)
+                parts.append(wl @ g if wl.ndim == 1 else np.sum(wl.reshape(T, -1) * g, axis=0))
             want = np.concatenate(parts)
         np.testing.assert_allclose(I.flat(d), want, rtol=2e-5, atol=2e-6)
         # Solver iteration counts may differ by the rounding of the two Gramians.

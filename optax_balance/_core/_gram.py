@@ -12,7 +12,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from optax_balance._core._types import Array, stat_dtype
 
@@ -25,8 +24,20 @@ def rest_axes(g: Array, start: int = 1) -> tuple[int, ...]:
 
 
 def leaf_sq_norms(g: Array) -> Array:
-    """Per-task squared norms ``(T,)`` of one stacked leaf, in the statistics dtype."""
-    f = g.astype(stat_dtype())
+    """Per-task squared norms ``(T,)`` of one stacked leaf, in the statistics dtype.
+
+    Reduced over the leaf's ``(T, n)`` view, held by an optimization barrier: in a train
+    step vmap(grad) leaves a Dense kernel's stacked gradient in a transposed layout, and a
+    reduction over the unmerged axes made XLA:CPU write a second, transposed copy of it
+    besides the ``(T, n)`` copy the combination reads (XLA sinks a plain reshape into the
+    reduction): +30% compiled step memory for the norm-based methods at T=8
+    (benchmarks/run.py's memory table). On a row-major leaf the view is free. Not under
+    Explicit sharding, where merging a sharded axis is an error.
+    """
+    dt = stat_dtype()
+    if g.ndim > 2 and _replicated_if_explicit(g) is None:
+        g = jax.lax.optimization_barrier(g.reshape(g.shape[0], -1))
+    f = g.astype(dt)
     return jnp.sum(f * f, axis=rest_axes(g))
 
 
@@ -56,74 +67,52 @@ def _replicated_if_explicit(g: Array) -> Any:
 
 
 # How one leaf's Gramian is contracted. On GPU/TPU it is one ``dot_general`` (the
-# vendor GEMM splits the long contraction). On CPU, XLA sends a (T, n) x (n, T) dot with
-# a tiny output and a long contraction to YNNPACK, which packs the transposed operand and
-# runs on one thread: 6-17x one pass over the gradients at n = 1e6, growing faster than
-# n. The CPU form (benchmarks/gram_kernels.py times the alternatives, RESULTS.md
-# section 5) walks the leaf in column chunks in a fori_loop and contracts each chunk:
-#   * by "pairs": all T(T+1)/2 row products in one variadic reduce over (c / blk, blk)
-#     blocks, one fused multi-threaded pass whose (scalar) work grows as T^2. It wins for
-#     T <= 2 at any size and up to T = _PAIR_MAX_T on leaves of at least _PAIR_MIN_N
-#     entries per task; below that its fixed cost loses to the dot, above T ~ 12 its
-#     accumulators spill.
-#   * by the dot otherwise: per chunk, YNNPACK's packing stays in cache (linear in n,
-#     2x faster than one dot at n = 1e6, T >= 16).
+# vendor GEMM splits the long contraction). On CPU, XLA sends every f32 (and bf16 -> f32)
+# dot to YNNPACK, which runs a (T, n) x (n, T) dot (tiny output, long contraction) on one
+# thread and packs whole operands: 5-10x one pass over the gradients at n = 1e6. The CPU
+# form walks the leaf in column chunks (about _CHUNK_BYTES up to T=12) in a fori_loop
+# and contracts each chunk with that dot, so the packing stays in cache. Two tasks are a
+# degenerate GEMM (2 of 16 lanes): each chunk's two rows are split in halves and the
+# (4, 4) Gramian of the halves is contracted, its two diagonal blocks summed.
+# benchmarks/KERNELS.md has the figures behind this, per machine (CPU ms at n = 1e6 on an
+# AMD EPYC Zen 5; the Intel Xeon's from an earlier run), and the forms that lost:
+#   * T=2: split rows 0.47-0.54 ms; the plain chunked dot 0.65-0.81; "pairs" 1.0-1.4.
+#   * T=8: the 4096-column dot 3.0-3.4; "pairs" 6.8-7.0 (on the Xeon 3.2 against 3.6:
+#     the one regime where pairs was ahead, by 10%).
+#   * "pairs", this module's kernel for T <= 12 until issue 17, is one variadic reduce
+#     over all T(T+1)/2 row products; XLA emits it as scalar code.
+#   * broadcast products reduced by YNNPACK, stacked row products, batched dots over row
+#     blocks, Eigen's dot on a transposed copy, matrix-vector products per task: no faster,
+#     most 1.3-15x slower. Independent chunk loops do not run concurrently.
 # The chunks matter beyond cache: inside a train step the stacked gradients often come
 # out of the backward pass in a transposed physical layout (a Dense kernel's gradient is
-# computed as (T * out, in)). XLA then fuses that relayout into the Gramian's reads; the
-# chunk's dynamic_slice pays it once per element, where a whole-leaf reduce pays it in
-# each of its T(T+1)/2 products (benchmarks/run.py's train step at T=8: 1.7x the
-# equal-weight step with the whole-leaf reduce, 1.1-1.2x with chunks).
-# Both accumulate in the statistics dtype and agree with a float64 Gramian to ~1e-7.
-_PAIR_MAX_T = 12
-_PAIR_MIN_N = 65536
-_PAIR_CHUNK = 65536
-_CHUNK = 16384
+# computed as (T * out, in)). XLA then fuses that relayout into the chunk's
+# dynamic_slice, once per element. Every form accumulates in the statistics dtype
+# (YNNPACK's bf16 dot accumulates in f32) and agrees with a float64 Gramian within
+# tests/tolerance.py's float32 bound.
+_CHUNK_BYTES = 1 << 17  # 128 KiB of float32 per chunk: 4096 columns at T=8
+_MIN_CHUNK = 4096
+_MAX_CHUNK = 16384
+_BIG_T = 13  # from this many tasks on, chunks of _MAX_CHUNK columns
+_SPLIT_T = 2  # up to this many tasks, each chunk's rows are split in two
 
 
-def _block_size(n: int) -> int:
-    """The largest divisor of ``n`` in 16..1024, or 256 (the remainder is then a tail).
+def _chunk_columns(t: int) -> int:
+    """Columns per chunk for ``t`` tasks: a power of two near ``_CHUNK_BYTES``, clipped.
 
-    Longer rows amortise the reduce's per-row work (T=8, 65536 columns: 4.6 ms per 1e6
-    entries at 64, 3.7 at 1024); each row is summed in order, so rows much longer than
-    1024 lose float32 accuracy (4e-6 relative at 3750 on bf16 inputs).
+    Measured on the EPYC (CPU ms at n=1e6, benchmarks/KERNELS.md): T=8 3.1-3.4 at 4096
+    against 3.5-3.8 at 2048 and 3.5-4.6 at 16384; T=12 6.8 at 4096, 7.4 at 8192, 8.1 at
+    16384. The Xeon agrees at T=8 (4096 columns ahead of 16384 and 65536). From T=13 on
+    the chunk is _MAX_CHUNK: at T=16-32, 1024-2048 columns cost 0-15% less CPU than 16384
+    (and 4096 more), but 8-16x the loop iterations, and each iteration is a thunk XLA's
+    runtime may hand to another thread: on the loaded VM that cost the 1024-column loop
+    2-3x wall time, the 16384-column one little.
     """
-    for b in range(min(n, 1024), 15, -1):
-        if n % b == 0:
-            return b
-    return 256
-
-
-def _pair_index(t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    iu, ju = np.triu_indices(t)
-    index = np.zeros((t, t), np.int32)
-    index[iu, ju] = index[ju, iu] = np.arange(iu.size)
-    return iu, ju, index
-
-
-def _pair_sums(x: Array, dt: Any) -> Array:
-    """``sum(x[i] * x[j])`` for every pair ``i <= j`` of rows of ``x`` (T, m, blk)."""
-    iu, ju, _ = _pair_index(x.shape[0])
-    rows = [x[i].astype(dt) for i in range(x.shape[0])]
-    products = tuple(rows[i] * rows[j] for i, j in zip(iu, ju))
-    zeros = tuple(jnp.zeros((), dt) for _ in products)
-    sums = jax.lax.reduce(
-        products, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), (products[0].ndim - 1,)
-    )
-    return jnp.sum(jnp.stack(sums), axis=1)  # one small reduction, not T(T+1)/2 of them
-
-
-def _gram_pairs(x: Array, dt: Any) -> Array:
-    """The Gramian of ``x`` (T, n) from one variadic reduction over its row products."""
-    t, n = x.shape
-    blk = _block_size(n)
-    m = n // blk
-    sums = jnp.zeros((t * (t + 1) // 2,), dt)
-    if m:
-        sums = sums + _pair_sums(x[:, : m * blk].reshape(t, m, blk), dt)
-    if n > m * blk:
-        sums = sums + _pair_sums(x[:, m * blk :].reshape(t, 1, n - m * blk), dt)
-    return sums[_pair_index(t)[2]]
+    if t >= _BIG_T:
+        return _MAX_CHUNK
+    c = _CHUNK_BYTES // (4 * t)
+    c = 1 << max(c.bit_length() - 1, 0)
+    return int(min(max(c, _MIN_CHUNK), _MAX_CHUNK))
 
 
 def _gram_dot(x: Array, dt: Any) -> Array:
@@ -133,8 +122,23 @@ def _gram_dot(x: Array, dt: Any) -> Array:
     ).astype(dt)
 
 
+def _gram_split_dot(x: Array, dt: Any) -> Array:
+    """The Gramian of ``x`` (T, n), n even, from the (2T, 2T) Gramian of its half rows.
+
+    ``x.reshape(2T, n / 2)`` is free (row ``i`` becomes rows ``2i`` and ``2i + 1``);
+    ``G[i, j]`` is the sum of the two diagonal entries of block ``(i, j)``.
+    """
+    t, n = x.shape
+    z = _gram_dot(x.reshape(2 * t, n // 2), dt).reshape(t, 2, t, 2)
+    return z[:, 0, :, 0] + z[:, 1, :, 1]
+
+
 def _gram_chunked(kernel: Callable[[Array, Any], Array], x: Array, dt: Any, chunk: int) -> Array:
-    """``kernel``'s Gramian summed over column chunks of ``x`` (T, n) in a loop."""
+    """``kernel``'s Gramian summed over column chunks of ``x`` (T, n) in a loop.
+
+    Leaves shorter than two chunks take ``kernel`` once; the columns after the last whole
+    chunk (any number) take the plain dot.
+    """
     t, n = x.shape
     m = n // chunk
     if m < 2:
@@ -145,15 +149,16 @@ def _gram_chunked(kernel: Callable[[Array, Any], Array], x: Array, dt: Any, chun
 
     acc = jax.lax.fori_loop(0, m, body, jnp.zeros((t, t), dt))
     if n > m * chunk:
-        acc = acc + kernel(x[:, m * chunk :], dt)
+        acc = acc + _gram_dot(x[:, m * chunk :], dt)
     return acc
 
 
 def _gram_cpu(x: Array, dt: Any) -> Array:
     t, n = x.shape
-    if t <= 2 or (t <= _PAIR_MAX_T and n >= _PAIR_MIN_N):
-        return _gram_chunked(_gram_pairs, x, dt, _PAIR_CHUNK)
-    return _gram_chunked(_gram_dot, x, dt, _CHUNK)
+    chunk = _chunk_columns(t)
+    if t <= _SPLIT_T and n % 2 == 0 and n >= 2048:
+        return _gram_chunked(_gram_split_dot, x, dt, chunk)
+    return _gram_chunked(_gram_dot, x, dt, chunk)
 
 
 def leaf_gram(g: Array) -> Array:

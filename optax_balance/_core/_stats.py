@@ -41,6 +41,9 @@ class Stats(NamedTuple):
         and ``None`` elsewhere (``"grads"``), for methods that are not functions of a
         Gramian (GradDrop, coordinate-wise aggregators, methods with gradient-sized state).
       losses: ``(T,)`` task losses (``"losses"``).
+      extra: the per-task ``(T,)`` vectors that ``update`` received as the keywords named
+        in the weighting's ``extra_args`` (FAMO's ``losses_after``), as a dict from name
+        to array holding only those given (``None`` when the weighting names none).
     """
 
     gram: Array | None = None
@@ -50,6 +53,7 @@ class Stats(NamedTuple):
     leaf_gram: PyTree = None
     grads: PyTree = None
     losses: Array | None = None
+    extra: dict[str, Array] | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -192,9 +196,16 @@ def sync_stats(stats: Stats, axis_name: Any) -> Stats:
 
 
 def all_finite(tree: PyTree) -> Array:
-    """Whether every inexact array in ``tree`` is finite (a scalar bool)."""
+    """Whether every inexact array in ``tree`` is finite (a scalar bool).
+
+    Tested as ``isfinite(sum(x * 0))``: ``x * 0`` is 0 where ``x`` is finite and NaN at an
+    Inf or NaN, and a sum of zeros cannot overflow. XLA's CPU backend runs that multiply-sum
+    as one fused multi-threaded pass, ``all(isfinite(x))`` as a slower reduction: 1.2 ms
+    against 3.8 ms for 8e6 float32 (the floor ``w @ J`` over them: 1.2 ms; AMD EPYC, issue
+    17). It matters for gradient-sized weights (per-coordinate masks) and states.
+    """
     ok = jnp.array(True)
     for x in jax.tree.leaves(tree):
         if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-            ok = ok & jnp.all(jnp.isfinite(x))
+            ok = ok & jnp.isfinite(jnp.sum(jnp.asarray(x) * 0))
     return ok

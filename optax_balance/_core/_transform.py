@@ -11,8 +11,8 @@ import optax
 
 from optax_balance._core import _checks, _tree
 from optax_balance._core._combine import combine
-from optax_balance._core._stats import Stats, compute_stats, sync_stats
-from optax_balance._core._types import PyTree, SharedMask, Sync
+from optax_balance._core._stats import Stats, all_finite, compute_stats, sync_stats
+from optax_balance._core._types import PyTree, SharedMask, Sync, stat_dtype
 from optax_balance._core._weighting import Weighting, guarded_weigh, tree_none_outside
 
 try:  # optax >= 0.2.8: the aggregation API this library's methods belong to
@@ -25,15 +25,126 @@ except (ImportError, AttributeError):  # pragma: no cover - older optax
 
 class BalancedTransform(_Base):  # type: ignore[misc,valid-type]
     """What :func:`balance` returns: an optax ``Aggregator`` (stacked per-task gradients in,
-    one update out) that also carries the ``weighting`` it applies, and its ``axis_name``
-    (read by :func:`optax_balance.weighted_loss`)."""
+    one update out) that also carries the ``weighting`` it applies and the arguments it was
+    built with (read by :func:`optax_balance.weighted_loss` and
+    :func:`optax_balance.value_and_weighted_grad`, which apply the same method to other
+    inputs)."""
 
     weighting: Weighting
+    shared: SharedMask
     axis_name: Any
+    sync: Sync
+    num_tasks: int | None
+
+
+def resolve_num_tasks(weighting: Weighting, num_tasks: int | None) -> int | None:
+    """T as ``num_tasks`` and the weighting's hyperparameters fix it (``None``: unknown)."""
+    t_cfg = _checks.check_num_tasks(num_tasks)
+    if weighting.num_tasks is not None:
+        if t_cfg is not None and t_cfg != weighting.num_tasks:
+            raise ValueError(
+                f"num_tasks={t_cfg} but the {weighting.name} weighting was built for "
+                f"{weighting.num_tasks} tasks by its hyperparameters (a per-task vector such "
+                f"as `pref_vector` or `weights` with {weighting.num_tasks} entries)."
+            )
+        t_cfg = weighting.num_tasks
+    return t_cfg
+
+
+def statistic_masks(
+    weighting: Weighting, shared: SharedMask, params: PyTree
+) -> tuple[PyTree, PyTree]:
+    """``(shared_mask, stat_mask)`` as Python bools: the shared leaves, and those of them the
+    statistics read (further restricted by the weighting's own mask, GradNorm's
+    ``norm_mask``)."""
+    shared_m = _tree.resolve_mask(shared, params, name="shared")
+    if weighting.stat_mask is None:
+        return shared_m, shared_m
+    stat_m = _tree.resolve_mask(weighting.stat_mask, params, name=weighting.stat_mask_name)
+    return shared_m, jax.tree.map(lambda a, b: a and b, shared_m, stat_m)
+
+
+def initial_state(weighting: Weighting, t: int, params: PyTree, shared: SharedMask) -> Any:
+    """``weighting.init(t)``, or ``init(t, statistic leaves)`` for per-leaf state."""
+    if weighting.init_takes_params:
+        stat_m = statistic_masks(weighting, shared, params)[1]
+        return weighting.init(t, tree_none_outside(stat_m, params))
+    return weighting.init(t)
+
+
+def ready_state(
+    weighting: Weighting, state: Any, t: int, params: PyTree, shared: SharedMask
+) -> Any:
+    """The state for T tasks: a placeholder (``init(0)``, zero weights) is replaced by a
+    full ``init(t)``; a state built for another T is a ``ValueError``."""
+    state_t = np.shape(state.weights)[0]
+    if state_t == 0:
+        return initial_state(weighting, t, params, shared)
+    if state_t != t:
+        raise ValueError(
+            f"{weighting.name}: the state holds weights for {state_t} tasks but the "
+            f"gradients have T={t}; re-run `init` or pass num_tasks={t}."
+        )
+    return state
 
 
 def _pmean(tree: PyTree, axis_name: Any) -> PyTree:
     return jax.tree.map(lambda x: jax.lax.pmean(x, axis_name), tree)
+
+
+def loss_stats(
+    weighting: Weighting,
+    task_losses: Any,
+    extra_args: dict[str, Any],
+    *,
+    num_tasks: int | None = None,
+    axis_name: Any = None,
+) -> Stats:
+    """The losses (and the ``weighting.extra_args`` vectors given) as :class:`Stats`.
+
+    Each is validated as a ``(T,)`` vector (a ``ValueError`` naming it otherwise), cast
+    to the statistics dtype and, under ``axis_name``, averaged over devices (local-batch
+    means, in every sync mode). ``update`` and :func:`optax_balance.weighted_loss` both
+    build a loss-based weighting's statistics here, so both see the same numbers.
+    """
+    name = weighting.name
+    nonneg = weighting.nonnegative_losses
+    losses = _tree.check_losses(task_losses, num_tasks, weighting.needs_losses, name, nonneg)
+    t = num_tasks if losses is None else int(losses.shape[0])
+    extra: dict[str, Any] | None = None
+    if weighting.extra_args:
+        extra = {}
+        for key in weighting.extra_args:
+            value = extra_args.get(key)
+            if value is None:
+                continue
+            shape = np.shape(value)
+            if len(shape) != 1 or (t is not None and shape[0] != t):
+                raise ValueError(
+                    f"{name}: `{key}` must have shape ({t or 'T'},) (one value per task), "
+                    f"got {shape}."
+                )
+            extra[key] = jnp.asarray(value).astype(stat_dtype())
+    if axis_name is not None:  # local-batch means, in every mode
+        losses = None if losses is None else jax.lax.pmean(losses, axis_name)
+        extra = None if extra is None else _pmean(extra, axis_name)
+    if nonneg and losses is not None:
+        _tree.warn_if_negative(losses, name)
+    return Stats(losses=losses, extra=extra)
+
+
+def grads_finite(updates: PyTree, stat_mask: PyTree, axis_name: Any = None) -> Any:
+    """Whether every gradient leaf where ``stat_mask`` is True is finite, on every device.
+
+    A loss-based weighting never reads the gradients, so its guard would not see a NaN
+    in the stacked gradients it combines; the transformation passes this flag to the
+    guard instead, so that such a step keeps the state as it does for every other method.
+    """
+    leaves = [g for g, m in zip(jax.tree.leaves(updates), jax.tree.leaves(stat_mask)) if m]
+    ok = all_finite(leaves)
+    if axis_name is not None:  # the same decision on every device
+        ok = jax.lax.pmin(ok.astype(jnp.int32), axis_name) > 0
+    return ok
 
 
 def balance(
@@ -68,7 +179,12 @@ def balance(
     Loss-based weightings (``needs == ("losses",)``) also take an ordinary gradient:
     ``update`` then returns it unchanged and advances the state (see
     :func:`optax_balance.weighted_loss`); stacked and ordinary gradients are told apart
-    from ``params``' shapes.
+    from ``params``' shapes (without ``params``, from the losses' length where only one
+    reading fits, else a ``ValueError`` asks for ``params``). On stacked gradients, which
+    such a weighting combines but never reads, its guard also checks that the shared
+    leaves are finite; an ordinary gradient is passed through unread (a non-finite one is
+    left to ``optax.apply_if_finite`` downstream: the state, advanced from the losses
+    alone, cannot be poisoned by it), so the one-backward step costs no extra pass.
 
     Args:
       weighting: the :class:`optax_balance.Weighting` to apply.
@@ -109,15 +225,10 @@ def balance(
             f"`weighting` must be an ob.Weighting (e.g. ob.weightings.upgrad()), got {weighting!r}."
         )
     _checks.check_choice("sync", sync, ("grads", "stats"))
-    t_cfg = _checks.check_num_tasks(num_tasks)
-    if weighting.num_tasks is not None:
-        if t_cfg is not None and t_cfg != weighting.num_tasks:
-            raise ValueError(
-                f"num_tasks={t_cfg} but the {weighting.name} weighting was built for "
-                f"{weighting.num_tasks} tasks by its hyperparameters (a per-task vector such "
-                f"as `pref_vector` or `weights` with {weighting.num_tasks} entries)."
-            )
-        t_cfg = weighting.num_tasks
+    _tree.check_mask_arg("shared", shared)
+    if weighting.stat_mask is not None:
+        _tree.check_mask_arg(weighting.stat_mask_name, weighting.stat_mask)
+    t_cfg = resolve_num_tasks(weighting, num_tasks)
     needs = weighting.needs
     name = weighting.name
     if axis_name is not None and sync == "stats" and "grads" in needs:
@@ -130,47 +241,19 @@ def balance(
     per_device_items = "item_sq_norms" in needs
     grad_stats = [n for n in needs if n != "losses"]
 
-    def masks(params: PyTree) -> tuple[PyTree, PyTree]:
-        shared_m = _tree.resolve_mask(shared, params, name="shared")
-        if weighting.stat_mask is None:
-            return shared_m, shared_m
-        stat_m = _tree.resolve_mask(weighting.stat_mask, params, name=weighting.stat_mask_name)
-        return shared_m, jax.tree.map(lambda a, b: a and b, shared_m, stat_m)
-
-    def init_state(t: int, params: PyTree) -> Any:
-        if weighting.init_takes_params:
-            return weighting.init(t, tree_none_outside(masks(params)[1], params))
-        return weighting.init(t)
-
     def init_fn(params: PyTree) -> Any:
-        state = init_state(0 if t_cfg is None else t_cfg, params)
+        state = initial_state(weighting, 0 if t_cfg is None else t_cfg, params, shared)
         # One buffer per leaf, even where a method's init reuses an array for two fields:
         # a train step that donates its optimizer state must not see a buffer twice.
         return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
 
-    def ready_state(state: Any, t: int, params: PyTree) -> Any:
-        state_t = np.shape(state.weights)[0]
-        if state_t == 0:
-            return init_state(t, params)
-        if state_t != t:
-            raise ValueError(
-                f"{name}: the state holds weights for {state_t} tasks but the gradients "
-                f"have T={t}; re-run `init` or pass num_tasks={t}."
-            )
-        return state
-
-    def synced_losses(task_losses: Any, t: int) -> Any:
-        losses = _tree.check_losses(task_losses, t, weighting.needs_losses, name)
-        if axis_name is not None and losses is not None:
-            losses = jax.lax.pmean(losses, axis_name)  # local-batch means, in every mode
-        return losses
-
-    def update_ordinary(updates: PyTree, state: Any, params: PyTree, task_losses: Any):
+    def update_ordinary(updates: PyTree, state: Any, params: PyTree, extra_args: dict):
         # A loss-based weighting given the gradient of ``ob.weighted_loss``: it already
         # carries the weights; advance the state and pass the gradient through.
-        t = int(np.shape(task_losses)[0])
-        state = ready_state(state, t, params)
-        stats = Stats(losses=synced_losses(task_losses, t))
+        losses: Any = extra_args.get("task_losses")
+        stats = loss_stats(weighting, losses, extra_args, num_tasks=t_cfg, axis_name=axis_name)
+        state = ready_state(weighting, state, int(np.shape(losses)[0]), params, shared)
+        # The gradient is not read: the weights come from the losses, which the guard checks.
         _, new_state = guarded_weigh(weighting, stats, state)
         if axis_name is not None and sync == "grads":
             updates = _pmean(updates, axis_name)
@@ -179,32 +262,41 @@ def balance(
     def update_fn(
         updates: PyTree, state: Any, params: PyTree | None = None, **extra_args: Any
     ) -> tuple[PyTree, Any]:
-        task_losses = extra_args.get("task_losses")
+        task_losses: Any = extra_args.get("task_losses")
+        _tree.check_float_leaves(updates, name)
         updates = jax.tree.map(jnp.asarray, updates)
         if weighting.losses_only:
+            if task_losses is None:
+                _tree.check_losses(None, t_cfg, True, name)  # raises: the losses are needed
+            shape = () if task_losses is None else np.shape(task_losses)
             t_hint = t_cfg
-            if t_hint is None and task_losses is not None and np.ndim(task_losses) == 1:
-                t_hint = int(np.shape(task_losses)[0])
-            _tree.check_losses(task_losses, t_hint, True, name)
+            if t_hint is None and len(shape) == 1:
+                t_hint = int(shape[0])
+            # With params, the shapes decide (a stacked tree with the wrong T then gets
+            # the error naming the leaf, below); the losses are checked on either path.
             if not _tree.is_stacked(updates, params, t_hint, method=name):
-                return update_ordinary(updates, state, params, task_losses)
+                return update_ordinary(updates, state, params, extra_args)
         elif not _tree.is_stacked(updates, params, None, method=name):
             raise ValueError(
                 f"{name} needs stacked per-task gradients (every leaf shaped "
                 f"(T, *param.shape)), but every gradient leaf has its parameter's shape: "
                 f"get them with ob.value_and_task_grads(loss_fn) or jax.jacrev of a "
-                f"(T,)-valued loss."
+                f"(T,)-valued loss. (Under optax.MultiSteps, whose accumulator has the "
+                f"params' shape, use ob.accumulate(optax.chain(method, optimizer), k).)"
             )
         t = _tree.num_tasks_of(updates, t_cfg)
         like = _tree.unstacked_like(updates)
-        shared_m, stat_m = masks(params if params is not None else like)
+        shared_m, stat_m = statistic_masks(
+            weighting, shared, params if params is not None else like
+        )
         if jax.tree.structure(shared_m) != jax.tree.structure(updates):
             raise ValueError(
                 f"`shared` mask structure {jax.tree.structure(shared_m)} does not match the "
                 f"gradients' structure {jax.tree.structure(updates)}."
             )
-        state = ready_state(state, t, like)
-        losses = synced_losses(task_losses, t)
+        _tree.check_selects(shared_m, stat_m, weighting.stat_mask_name, name)
+        state = ready_state(weighting, state, t, like, shared)
+        stats_in = loss_stats(weighting, task_losses, extra_args, num_tasks=t, axis_name=axis_name)
 
         # Devices. "grads": the leaves the statistics read are averaged before them, every
         # other leaf is combined locally and averaged after (the combination is linear and
@@ -217,11 +309,14 @@ def balance(
             updates = jax.tree.map(
                 lambda g, m: jax.lax.pmean(g, axis_name) if m else g, updates, read_m
             )
-        stats = compute_stats(needs, updates, stat_m, t, losses)
+        stats = compute_stats(needs, updates, stat_m, t, stats_in.losses)
         if axis_name is not None and not grads_mode:
             stats = sync_stats(stats, axis_name)
+        stats = stats._replace(extra=stats_in.extra)
+        # Weights of the losses alone: the guard cannot see the gradients, so check them.
+        ok = grads_finite(updates, stat_m, axis_name) if weighting.losses_only else True
 
-        weights, new_state = guarded_weigh(weighting, stats, state)
+        weights, new_state = guarded_weigh(weighting, stats, state, ok)
         out = combine(updates, weights, shared_m)
         if grads_mode:
             out = jax.tree.map(lambda o, m: o if m else jax.lax.pmean(o, axis_name), out, read_m)
@@ -229,5 +324,8 @@ def balance(
 
     tx = BalancedTransform(init_fn, update_fn)
     tx.weighting = weighting
+    tx.shared = shared
     tx.axis_name = axis_name
+    tx.sync = sync
+    tx.num_tasks = t_cfg
     return tx

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_balance._core._checks import is_concrete
 from optax_balance._core._types import Array, PyTree, SharedMask, stat_dtype
 
 LossUse = Literal["required", "unused"]
@@ -43,7 +46,9 @@ def num_tasks_of(updates: PyTree, expected: int | None = None) -> int:
         if expected is not None and t != expected:
             raise ValueError(
                 f"gradient leaf {path} has leading (task) axis of size {t}, but this "
-                f"transformation was built for num_tasks={expected}."
+                f"transformation was built for num_tasks={expected}. (If these are ordinary, "
+                f"unstacked gradients, get per-task ones with ob.value_and_task_grads; pass "
+                f"`params` to `update` so that every leaf is checked against its parameter.)"
             )
         if first_t is None:
             first_path, first_t = path, t
@@ -81,12 +86,12 @@ def resolve_mask(mask: SharedMask, params: PyTree, *, name: str = "shared") -> P
             params,
             is_leaf=lambda x: isinstance(x, (bool, np.bool_)),
         )
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError):
         raise ValueError(
             f"`{name}` mask does not match the parameters' structure: it must be a pytree of "
             f"bools with the params' structure (or a prefix of it), or a callable "
-            f"params -> such a pytree. Mask: {jax.tree.structure(mask)}; "
-            f"params: {jax.tree.structure(params)}. ({e})"
+            f"params -> such a pytree. Mask: {_short(mask)}; params: {_short(params)}."
+            + _nnx_hint(params, name)
         ) from None
     paths, leaves, _ = _leaf_paths(full)
     for path, m in zip(paths, leaves):
@@ -98,13 +103,109 @@ def resolve_mask(mask: SharedMask, params: PyTree, *, name: str = "shared") -> P
     return jax.tree.map(bool, full)
 
 
+def _short(tree: Any, limit: int = 160) -> str:
+    """A pytree's structure, cut to ``limit`` characters (an NNX State's is thousands)."""
+    text = str(jax.tree.structure(tree))
+    return text if len(text) <= limit else text[: limit - 5] + " ...)"
+
+
+def _nnx_hint(params: Any, name: str) -> str:
+    if not type(params).__module__.startswith("flax.nnx"):
+        return ""
+    return (
+        f" The params are a Flax NNX State: build the mask from them with a callable, e.g. "
+        f"{name}=lambda params: nnx.map_state(lambda path, _: path[0] != 'heads', params)."
+    )
+
+
+def check_mask_arg(name: str, mask: Any) -> None:
+    """Construction-time check of a ``shared``-style argument.
+
+    A bare bool or array is refused: ``None`` already means "every leaf", ``False`` would
+    leave nothing to balance, and a bool is what a params-callable returns when
+    ``optax.inject_hyperparams`` mistakes it for a schedule and calls it with the step
+    count.
+    """
+    if isinstance(mask, (bool, np.bool_, np.ndarray, jax.Array)):
+        raise ValueError(
+            f"`{name}` must be None (every leaf), a pytree of bools with the params' "
+            f"structure (or a prefix of it), or a callable params -> such a pytree; got "
+            f"{mask!r}. Under optax.inject_hyperparams, a callable `{name}` is taken for a "
+            f"schedule and called with the step count: list it in `static_args`, e.g. "
+            f"optax.inject_hyperparams(ob.upgrad, static_args=('{name}', 'num_tasks'))."
+        )
+
+
+def check_selects(shared_m: PyTree, stat_m: PyTree, stat_mask_name: str, method: str) -> None:
+    """Refuses masks that leave no leaf to balance: the weights would mean nothing.
+
+    ``shared_m`` is the resolved ``shared`` mask, ``stat_m`` its intersection with the
+    weighting's own mask (GradNorm's ``norm_mask``).
+    """
+    if not any(jax.tree.leaves(shared_m)):
+        raise ValueError(
+            f"{method}: the `shared` mask selects no parameter leaf, so every leaf is summed "
+            f"as task-specific and nothing is balanced (the output would be the plain sum). "
+            f"Mark the parameters the tasks share True, e.g. shared={{'trunk': True, "
+            f"'heads': False}}, or pass shared=None if every leaf is shared."
+        )
+    if not any(jax.tree.leaves(stat_m)):
+        raise ValueError(
+            f"{method}: `{stat_mask_name}` and `shared` have no leaf in common, so the "
+            f"method has no gradient to measure and its weights would never move. "
+            f"`{stat_mask_name}` must select shared leaves (e.g. the last shared layer)."
+        )
+
+
+def check_float_leaves(updates: PyTree, method: str) -> None:
+    """Gradients must be floating point: ``float0`` is the gradient of an integer param."""
+    paths, leaves, _ = _leaf_paths(updates)
+    for path, leaf in zip(paths, leaves):
+        dtype = jnp.result_type(leaf) if hasattr(leaf, "dtype") else None
+        if dtype is None or jnp.issubdtype(dtype, jnp.inexact):
+            continue
+        what = (
+            "float0, the gradient of an integer parameter"
+            if dtype == jax.dtypes.float0
+            else str(dtype)
+        )
+        raise ValueError(
+            f"{method}: gradient leaf {path} has dtype {what}. Differentiate only the "
+            f"floating-point parameters: keep integer state (step counters, indices) out of "
+            f"the params you differentiate and pass to the optimizer (with Flax NNX, "
+            f"nnx.split(model, nnx.Param, ...) and nnx.Optimizer(..., wrt=nnx.Param))."
+        )
+
+
+def _warn_negative_losses(losses: Any, *, method: str) -> None:
+    """Host side of the run-time check: warn if any loss is negative."""
+    bad = np.flatnonzero(np.asarray(losses).reshape(-1, np.shape(losses)[-1]).min(0) < 0)
+    if bad.size:
+        warnings.warn(_negative_message(method, bad), UserWarning, stacklevel=2)
+
+
+def _negative_message(method: str, tasks: Any) -> str:
+    return (
+        f"{method}: task_losses of tasks {list(map(int, tasks))} are negative, but this "
+        f"method normalises by the loss, which needs losses > 0 (a negative loss gets "
+        f"scale 0). Use a non-negative loss (e.g. shift a negative log-likelihood by a "
+        f"lower bound) or a normalisation that does not read the losses (norm_type='l2')."
+    )
+
+
 def check_losses(
-    task_losses: Any, num_tasks: int | None, required: bool, method: str
+    task_losses: Any,
+    num_tasks: int | None,
+    required: bool,
+    method: str,
+    nonnegative: bool = False,
 ) -> Array | None:
     """Validates ``task_losses`` (shape ``(T,)``) and casts it to the statistics dtype.
 
     Returns ``None`` when the method does not use the losses (whatever was passed: optax
-    forwards every keyword to every member of a chain).
+    forwards every keyword to every member of a chain). With ``nonnegative`` (a method that
+    normalises by the loss), a negative loss is a ``ValueError`` when the losses are
+    concrete; traced, see :func:`warn_if_negative`.
     """
     if not required:
         return None
@@ -119,7 +220,29 @@ def check_losses(
         raise ValueError(
             f"`task_losses` must have shape ({num_tasks},) (one loss per task), got {shape}."
         )
+    if nonnegative and is_concrete(task_losses):
+        bad = np.flatnonzero(np.asarray(task_losses) < 0)
+        if bad.size:
+            raise ValueError(_negative_message(method, bad))
     return jnp.asarray(task_losses).astype(stat_dtype())
+
+
+def warn_if_negative(losses: Array, method: str) -> None:
+    """Warns at run time (a ``UserWarning``) when a traced loss is negative.
+
+    Under ``jit`` the values are unknown while tracing, so the check runs on the device
+    and calls back to the host only when a loss is negative (``lax.cond``; under ``vmap``
+    the host re-checks the values). It is added only for methods that normalise by the
+    loss, which a negative loss (an NLL) silently breaks.
+    """
+    if is_concrete(losses):
+        return
+    jax.lax.cond(
+        jnp.any(losses < 0),
+        lambda x: jax.debug.callback(functools.partial(_warn_negative_losses, method=method), x),
+        lambda x: None,
+        losses,
+    )
 
 
 def is_stacked(

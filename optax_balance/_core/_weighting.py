@@ -57,6 +57,13 @@ class Weighting:
         GradNorm's ``norm_mask``; ``None``: every shared leaf.
       stat_mask_name: the public name of ``stat_mask``, for error messages.
       init_takes_params: ``init`` takes the statistic leaves as a second argument.
+      nonnegative_losses: the weights read the losses as non-negative quantities (MGDA's
+        normalisation by the loss): a negative ``task_losses`` entry is a ``ValueError``
+        when the losses are concrete and a run-time ``UserWarning`` when traced.
+      extra_args: keyword arguments of ``update`` (and of
+        :func:`optax_balance.weighted_loss`) that ``weigh`` reads, each an optional
+        per-task ``(T,)`` vector validated, cast and averaged over devices like
+        ``task_losses``, handed over in ``stats.extra`` (FAMO's ``losses_after``).
     """
 
     init: Callable[..., Any]
@@ -67,6 +74,8 @@ class Weighting:
     stat_mask: SharedMask = None
     stat_mask_name: str = "norm_mask"
     init_takes_params: bool = False
+    nonnegative_losses: bool = False
+    extra_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         needs = (self.needs,) if isinstance(self.needs, str) else tuple(self.needs)
@@ -76,6 +85,8 @@ class Weighting:
                 f"Weighting `needs` must name statistics from {STAT_NAMES}, got {self.needs!r}."
             )
         object.__setattr__(self, "needs", needs)
+        extra = (self.extra_args,) if isinstance(self.extra_args, str) else tuple(self.extra_args)
+        object.__setattr__(self, "extra_args", extra)
         if not (callable(self.init) and callable(self.weigh)):
             raise ValueError("Weighting `init` and `weigh` must be callables.")
 
@@ -135,15 +146,19 @@ def broadcast_like(prev: Array, w: Array) -> Array:
     return jnp.reshape(prev, prev.shape + (1,) * (np.ndim(w) - 1))
 
 
-def guarded_weigh(weighting: Weighting, stats: Stats, state: Any) -> tuple[Any, Any]:
+def guarded_weigh(
+    weighting: Weighting, stats: Stats, state: Any, ok: Any = True
+) -> tuple[Any, Any]:
     """``weighting.weigh`` with the non-finite guard.
 
     A step whose statistics (the stacked gradients aside, which the weights read), weights
-    or new state hold a NaN or Inf keeps the previous state and returns the previous
-    ``state.weights`` (broadcast to per-leaf or per-coordinate weights as needed).
+    or new state hold a NaN or Inf, or where ``ok`` (a scalar bool: the caller's own
+    check, e.g. that the gradients a loss-based weighting never reads are finite) is
+    False, keeps the previous state and returns the previous ``state.weights``
+    (broadcast to per-leaf or per-coordinate weights as needed).
     """
     weights, new_state = weighting.weigh(stats, state)
-    ok = all_finite((stats._replace(grads=None), weights, new_state))
+    ok = jnp.logical_and(ok, all_finite((stats._replace(grads=None), weights, new_state)))
     new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
     prev = state.weights
     if is_task_vector(weights):

@@ -97,6 +97,7 @@ def mgda_weighting(
         weigh,
         needs=("gram", "losses") if norm_type in ("loss", "loss+") else ("gram",),
         name="mgda",
+        nonnegative_losses=norm_type in ("loss", "loss+"),
     )
 
 

@@ -35,9 +35,12 @@ class BalancerState(NamedTuple):
 def _weights_vector(weights: Sequence[float] | Mapping[Any, float]) -> np.ndarray:
     if isinstance(weights, Mapping):
         weights = list(weights.values())
-    elif isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence | np.ndarray):
+    elif isinstance(weights, (str, bytes)) or not isinstance(
+        weights, Sequence | np.ndarray | jax.Array
+    ):
         raise ValueError(
-            f"`weights` must be a sequence or a mapping of per-task weights, got {weights!r}."
+            f"`weights` must be a sequence or a mapping of per-task weights (or a 1-D NumPy or "
+            f"JAX array), got {weights!r}."
         )
     w, _ = _core.check_task_vector("weights", weights, nonnegative=True)
     return w
@@ -60,7 +63,8 @@ def balancer_weighting(
     ``per_batch_item``).
 
     Args:
-      weights: the per-task weights :math:`u_i \ge 0`, a sequence or a mapping.
+      weights: the per-task weights :math:`u_i \ge 0`, a sequence, a mapping or a 1-D
+        (NumPy or JAX) array.
       balance_grads: normalise by the EMA norms (True) or just weight (False).
       total_norm: the norm of the balanced gradient when all tasks agree in direction.
       ema_decay: :math:`\beta \in [0, 1]`.
@@ -174,8 +178,9 @@ def balancer(
     each device's items are its own.
 
     Args:
-      weights: the per-task weights :math:`w_i \ge 0` (positive sum), a sequence or a
-        mapping; a mapping's values in insertion order give the task order.
+      weights: the per-task weights :math:`w_i \ge 0` (positive sum), a sequence, a
+        mapping or a 1-D (NumPy or JAX) array; a mapping's values in insertion order give
+        the task order.
       balance_grads: normalise by the EMA norms (True) or just weight (False).
       total_norm: the norm of the balanced gradient when all tasks agree in direction.
       ema_decay: :math:`\beta \in [0, 1]`; 0 uses the current norm only, 1 the plain mean.

@@ -119,6 +119,7 @@ def cr_mogm_weighting(
         stat_mask=inner.stat_mask,
         stat_mask_name=inner.stat_mask_name,
         init_takes_params=inner.init_takes_params,
+        nonnegative_losses=inner.nonnegative_losses,
     )
 
 
