@@ -6,10 +6,14 @@ it is built with, the target class (``"gram"``: needs the Gramian, about two pas
 the gradients, target 3x the one-pass floor at T <= 8 and 4x at T = 32, and a train step
 within 1.15x of the equal-weight step at T = 8; ``"norm"``: needs only norms, target 2x;
 ``"coord"``: works coordinate by coordinate on the stacked gradients, as GradDrop's masks
-and TrimmedMean's ranks, target 4x), the torchjd aggregator it is compared with
-(``None``: torchjd has no counterpart), and the smallest T it accepts (``min_tasks``:
-Krum, TrimmedMean; smaller T are skipped). Both libraries run with their default
-hyperparameters unless the line says otherwise.
+and TrimmedMean's ranks, target 4x; ``"two_batch"``: the cross-Gramian and the
+combination of two batches, four passes, target 5x; ``"state"``: gradient-sized state
+read and written besides the gradients, about eight passes, target 9x), the torchjd
+aggregator it is compared with (``None``: torchjd has no counterpart), and the smallest T
+it accepts (``min_tasks``: Krum, TrimmedMean; smaller T are skipped). A ``two_batches``
+method is given the same stacked gradients as its second batch (``update_kwargs``): its
+timings are the method's, not the second backward pass a user pays for. Both libraries
+run with their default hyperparameters unless the line says otherwise.
 """
 
 from __future__ import annotations
@@ -28,12 +32,17 @@ import optax_balance as ob
 class BenchMethod:
     name: str
     factory: str  # attribute of optax_balance
-    kind: Literal["gram", "norm", "coord"]
+    kind: Literal["gram", "norm", "coord", "two_batch", "state"]
     kwargs: Callable[[int], dict[str, Any]] = lambda t: {}
     torchjd: str | None = None  # class name in torchjd.aggregation
     torchjd_kwargs: Callable[[int], dict[str, Any]] = lambda t: {}
     needs_losses: bool = False
+    two_batches: bool = False
     min_tasks: int = 1
+
+    def update_kwargs(self, grads: Any) -> dict[str, Any]:
+        """``update``'s keyword for a second batch (the same gradients), if the method needs one."""
+        return {"task_grads2": grads} if self.two_batches else {}
 
     def available(self) -> bool:
         return callable(getattr(ob, self.factory, None))
@@ -87,6 +96,13 @@ METHODS: list[BenchMethod] = [
     M("fairgrad", "fairgrad", "gram", torchjd="FairGrad", torchjd_kwargs=lambda t: {"alpha": 1.0}),
     M("excess_mtl", "excess_mtl", "gram", torchjd="ExcessMTL"),
     M("pcd", "pcd", "gram", torchjd="PCD"),
+    M("moco", "moco", "state", needs_losses=True),  # not in torchjd
+    M("db_mtl", "db_mtl", "state", needs_losses=True),  # not in torchjd
+    M("imtl", "imtl", "gram", needs_losses=True),  # the hybrid; torchjd has IMTL-G alone
+    # torchjd's SDMGradWeighting / MoDoWeighting take the cross-Gramian J1 J2^T, not J: no
+    # aggregator to time on the same matrix.
+    M("sdmgrad", "sdmgrad", "two_batch", two_batches=True),
+    M("modo", "modo", "two_batch", two_batches=True),
 ]
 # The loss-based methods (ob.famo, ob.uw, ob.dwa, ...) are not listed: on stacked
 # gradients their `update` is the floor itself (one pass, weights from T losses), their

@@ -20,15 +20,20 @@ from optax_balance._gramian._con_fig import ConFIGState, con_fig
 from optax_balance._gramian._dualproj import DualProjState, dualproj
 from optax_balance._gramian._fairgrad import FairGradState, fairgrad
 from optax_balance._gramian._gradvac import GradVacState, gradvac
+from optax_balance._gramian._imtl import IMTLState, imtl
 from optax_balance._gramian._imtl_g import IMTLGState, imtl_g
 from optax_balance._gramian._krum import KrumState, krum
 from optax_balance._gramian._mgda import MGDAState, mgda
+from optax_balance._gramian._modo import MoDoState, modo
 from optax_balance._gramian._nash_mtl import NashMTLState, nash_mtl
 from optax_balance._gramian._pcd import PCDState, pcd
 from optax_balance._gramian._pcgrad import PCGradState, pcgrad
+from optax_balance._gramian._sdmgrad import SDMGradState, sdmgrad
 from optax_balance._gramian._upgrad import UPGradState, upgrad
+from optax_balance._jacobian._db_mtl import DBMTLState, db_mtl
 from optax_balance._jacobian._excess_mtl import ExcessMTLState, excess_mtl
 from optax_balance._jacobian._graddrop import GradDropState, graddrop
+from optax_balance._jacobian._moco import MoCoState, moco
 from optax_balance._jacobian._trimmed_mean import TrimmedMeanState, trimmed_mean
 from optax_balance._loss._cosmos import COSMOSState, cosmos
 from optax_balance._loss._dwa import DWAState, dwa
@@ -61,6 +66,7 @@ __all__ = [
     "ConFIGState",
     "ConflictStats",
     "ConstantState",
+    "DBMTLState",
     "DWAState",
     "DualProjState",
     "ExcessMTLState",
@@ -72,14 +78,18 @@ __all__ = [
     "GradVacState",
     "IMTLGState",
     "IMTLLState",
+    "IMTLState",
     "KrumState",
     "MGDAState",
     "MetaBalanceState",
+    "MoCoState",
+    "MoDoState",
     "NashMTLState",
     "PBIState",
     "PCDState",
     "PCGradState",
     "RLWState",
+    "SDMGradState",
     "STCHState",
     "Stats",
     "TrimmedMeanState",
@@ -96,6 +106,7 @@ __all__ = [
     "constant",
     "cosmos",
     "cr_mogm",
+    "db_mtl",
     "dualproj",
     "dwa",
     "excess_mtl",
@@ -105,17 +116,21 @@ __all__ = [
     "graddrop",
     "gradnorm",
     "gradvac",
+    "imtl",
     "imtl_g",
     "imtl_l",
     "krum",
     "mean",
     "metabalance",
     "mgda",
+    "moco",
+    "modo",
     "nash_mtl",
     "pbi",
     "pcd",
     "pcgrad",
     "rlw",
+    "sdmgrad",
     "stch",
     "sum",
     "task_weights",

@@ -57,7 +57,7 @@ def value_and_balanced_grad(
 
     ``tx`` is any balancing method of this library, used on its own (not chained with an
     optimizer: it acts on representation gradients, the optimizer on parameter gradients).
-    It is called as ``tx.update(rep_grads, tx_state, task_losses=losses)`` where
+    It is called as ``tx.update(rep_grads, tx_state, z, task_losses=losses)`` where
     ``rep_grads`` has :math:`z`'s structure with leaves of shape ``(T, *z_leaf.shape)``.
     A representation's leading axis is usually the batch, so the leaves are
     ``(T, B, ...)``: exactly what ``ob.balancer(..., per_batch_item=True)`` expects, the
@@ -147,6 +147,13 @@ def value_and_balanced_grad(
       Défossez et al., `High Fidelity Neural Audio Compression
       <https://arxiv.org/abs/2210.13438>`_, 2022 (Sec. 3.4, the loss balancer).
     """
+    weighting = getattr(tx, "weighting", None)
+    if weighting is not None and "cross_gram" in weighting.needs:
+        raise ValueError(
+            f"value_and_balanced_grad: {weighting.name} needs a second, independent "
+            f"mini-batch's gradients (`task_grads2=`), which one call on one batch does not "
+            f"have; use the stacked path with two batches (README: 'Two mini-batches')."
+        )
     tx = optax.with_extra_args_support(tx)
 
     def wrapped(
@@ -159,7 +166,8 @@ def value_and_balanced_grad(
         else:
             out = _per_task_heads(heads_fn, heads_in_axes, params, z, args, kwargs, has_aux)
         losses, aux, head_grads, rep_grads = out
-        combined, tx_state = tx.update(rep_grads, tx_state, task_losses=losses)
+        # ``z`` as the params: it tells a loss-based method stacked gradients from ordinary.
+        combined, tx_state = tx.update(rep_grads, tx_state, z, task_losses=losses)
         (encoder_grads,) = encoder_vjp(combined)
         grads = jax.tree.map(_add, encoder_grads, head_grads)
         return ((losses, aux) if has_aux else losses), grads, tx_state

@@ -180,6 +180,12 @@ def value_and_weighted_grad(
             f"statistics of the stacked gradients themselves that no Gramian gives; "
             f"{_STACKED_PATH}."
         )
+    if m.weighting.head_scales is not None:
+        raise ValueError(
+            f"value_and_weighted_grad: the {m.weighting.name} method weighs the "
+            f"task-specific leaves by per-task scales from its new state (after the "
+            f"weights), which this one-pass path does not apply; {_STACKED_PATH}."
+        )
     chunk = _core.check_int("chunk_size", chunk_size, low=1)
 
     def wrapped(params: PyTree, method_state: Any, *args: Any, **kwargs: Any) -> Any:

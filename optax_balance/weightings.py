@@ -15,15 +15,20 @@ from optax_balance._gramian._con_fig import con_fig_weighting as con_fig
 from optax_balance._gramian._dualproj import dualproj_weighting as dualproj
 from optax_balance._gramian._fairgrad import fairgrad_weighting as fairgrad
 from optax_balance._gramian._gradvac import gradvac_weighting as gradvac
+from optax_balance._gramian._imtl import imtl_weighting as imtl
 from optax_balance._gramian._imtl_g import imtl_g_weighting as imtl_g
 from optax_balance._gramian._krum import krum_weighting as krum
 from optax_balance._gramian._mgda import mgda_weighting as mgda
+from optax_balance._gramian._modo import modo_weighting as modo
 from optax_balance._gramian._nash_mtl import nash_mtl_weighting as nash_mtl
 from optax_balance._gramian._pcd import pcd_weighting as pcd
 from optax_balance._gramian._pcgrad import pcgrad_weighting as pcgrad
+from optax_balance._gramian._sdmgrad import sdmgrad_weighting as sdmgrad
 from optax_balance._gramian._upgrad import upgrad_weighting as upgrad
+from optax_balance._jacobian._db_mtl import db_mtl_weighting as db_mtl
 from optax_balance._jacobian._excess_mtl import excess_mtl_weighting as excess_mtl
 from optax_balance._jacobian._graddrop import graddrop_weighting as graddrop
+from optax_balance._jacobian._moco import moco_weighting as moco
 from optax_balance._jacobian._trimmed_mean import trimmed_mean_weighting as trimmed_mean
 from optax_balance._loss._cosmos import cosmos_weighting as cosmos
 from optax_balance._loss._dwa import dwa_weighting as dwa
@@ -50,6 +55,7 @@ __all__ = [
     "constant",
     "cosmos",
     "cr_mogm",
+    "db_mtl",
     "dualproj",
     "dwa",
     "excess_mtl",
@@ -59,17 +65,21 @@ __all__ = [
     "graddrop",
     "gradnorm",
     "gradvac",
+    "imtl",
     "imtl_g",
     "imtl_l",
     "krum",
     "mean",
     "metabalance",
     "mgda",
+    "moco",
+    "modo",
     "nash_mtl",
     "pbi",
     "pcd",
     "pcgrad",
     "rlw",
+    "sdmgrad",
     "stch",
     "sum",
     "trimmed_mean",

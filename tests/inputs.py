@@ -5,7 +5,8 @@ and a ``(2,)`` bias, 8 numbers) so that a task-gradient matrix ``J`` of shape ``
 maps to a stacked gradient tree and back, and NumPy references are written on ``J``.
 Each method is built, traced and compiled once per task count (``stepper``); the hostile
 cases run as one ``vmap`` batch (one compile per method), which is what keeps the whole
-registry inside the CI time budget.
+registry inside the CI time budget. A two-batch method (``Method.two_batches``) gets the
+same gradients as its second batch (``Method.batch_kwargs``).
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ class Stepper:
     def _step(self, g: PyTree, state: Any, losses: Any) -> tuple[PyTree, Any]:
         self.traces += 1
         p = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), g)
-        return self.tx.update(g, state, p, task_losses=losses)
+        return self.tx.update(g, state, p, task_losses=losses, **self.method.batch_kwargs(g))
 
     def init(self, dtype: Any = jnp.float32) -> Any:
         return self.tx.init(params(dtype))

@@ -52,6 +52,18 @@ class Method:
         ``ValueError`` whose message holds the fragment.
       conflict_slack: ``(J, |w|) -> (T,)`` extra tolerance on ``g_i . d`` for methods whose
         non-conflict holds up to a documented bound (UPGrad's and DualProj's ridge).
+      two_batches: ``update`` needs ``task_grads2=`` (a second mini-batch's stacked
+        gradients: SDMGrad, MoDo). The shared suites feed the same gradients as the
+        second batch (:meth:`batch_kwargs`), so every reference they write on one ``J``
+        holds (the mean of two equal batches is ``J``, the cross-Gramian is the
+        Gramian); the multi-device suite and the methods' own tests feed independent
+        batches.
+      train_optimizer: the optimizer the training test chains after the method (``None``:
+        ``optax.adam(0.1)``), for methods whose direction needs another (say why in
+        ``notes``).
+      head_scales: ``losses -> (T,)``, the weights of the task-specific leaves from a
+        fresh state (``None``: the plain sum); for methods whose heads train on rescaled
+        losses (DB-MTL's log-losses).
       stacked_init: ``optax.MultiSteps`` can wrap it (its ``init`` hands the method the
         stacked tree). False for a state shaped like the stacked gradients, built from the
         params given to ``init``: ``update`` then raises a ``ValueError`` naming MultiSteps.
@@ -76,6 +88,9 @@ class Method:
     static: Callable[[int], dict[str, Any]] | None = None
     invalid: tuple[tuple[dict[str, Any], str], ...] = ()
     conflict_slack: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    two_batches: bool = False
+    train_optimizer: Callable[[], optax.GradientTransformation] | None = None
+    head_scales: Callable[[np.ndarray], np.ndarray] | None = None
     stacked_init: bool = True
     notes: str = ""
     min_tasks: int = 1
@@ -83,6 +98,22 @@ class Method:
     @property
     def losses_used(self) -> bool:
         return self.needs_losses if self.uses_losses is None else self.uses_losses
+
+    def batch_kwargs(self, grads: Any) -> dict[str, Any]:
+        """The keyword arguments ``update`` needs beside ``task_losses``: the second
+        batch (the same gradients) for a two-batch method, nothing otherwise."""
+        return {"task_grads2": grads} if self.two_batches else {}
+
+    @property
+    def tracks_gradients(self) -> bool:
+        """Whether the output combines tracked gradient estimates (``Weighting.tracked``,
+        MoCo, DB-MTL): zero gradients then give a zero output only from a fresh state."""
+        return self.make(1).weighting.tracked is not None
+
+    def head_weights(self, losses: np.ndarray) -> np.ndarray:
+        """The weights of the task-specific leaves from a fresh state (ones: the sum)."""
+        losses = np.asarray(losses, np.float64)
+        return np.ones_like(losses) if self.head_scales is None else self.head_scales(losses)
 
     def __repr__(self) -> str:
         return self.name
@@ -381,6 +412,81 @@ METHODS: list[Method] = [
     ),
 ]
 
+METHODS += [
+    Method(
+        "moco",
+        lambda t, **kw: ob.moco(num_tasks=t, **kw),
+        needs_losses=True,
+        factory=ob.moco,
+        static=lambda t: {"num_tasks": t},
+        invalid=(
+            ({"beta": 0.0}, "`beta` must be in (0, 1]"),
+            ({"gamma_sigma": -1.0}, "`gamma_sigma` must be in [0, inf)"),
+        ),
+        train_optimizer=lambda: optax.sgd(0.3),
+        notes="the output combines loss-scaled unit gradients: not homogeneous, and scale "
+        "invariant only up to the 1e-8 added to each norm (not claimed). Trained with SGD, "
+        "the paper's update: the direction's length is the losses', and under Adam at a "
+        "constant rate the lagging estimates oscillate (adam(0.1): summed loss 9.2 -> 16.4 "
+        "in 100 steps, the same in a NumPy transcription of LibMTL's code)",
+    ),
+    Method(
+        "db_mtl",
+        lambda t, **kw: ob.db_mtl(num_tasks=t, **kw),
+        needs_losses=True,
+        factory=ob.db_mtl,
+        static=lambda t: {"num_tasks": t},
+        invalid=(
+            ({"beta": 1.0}, "`beta` must be in [0, 1)"),
+            ({"beta_sigma": -0.5}, "`beta_sigma` must be in [0, inf)"),
+        ),
+        head_scales=lambda losses: 1.0 / (losses + 1e-8),
+        train_optimizer=lambda: optax.adam(optax.exponential_decay(0.05, 1, 0.96)),
+        notes="homogeneous only up to the 1e-8 added to each averaged norm (not claimed); "
+        "heads train on the log-losses. Trained with a decaying Adam rate: the training "
+        "test's losses are 0 at the optimum, where the log-loss gradient grows as "
+        "1/distance, and a constant rate oscillates at its own scale (adam(0.1): 9.2 -> 3.5)",
+    ),
+    Method(
+        "imtl",
+        lambda t, **kw: ob.imtl(t, **kw),
+        needs_losses=True,
+        homogeneous=True,
+        factory=ob.imtl,
+        static=lambda t: {"num_tasks": t},
+        invalid=(({"weight_optimizer": 0.1}, "`weight_optimizer` must be an optax"),),
+        notes="from a fresh state the loss scales are 1: IMTL-G's properties",
+    ),
+    Method(
+        "sdmgrad",
+        lambda t, **kw: ob.sdmgrad(lr=1.0, num_tasks=t, **kw),
+        two_batches=True,
+        factory=ob.sdmgrad,
+        static=lambda t: {"num_tasks": t, "n_iter": 20, "lr": 1.0},
+        invalid=(
+            ({"lr": 0.0}, "`lr` must be in (0, inf)"),
+            ({"momentum": 1.0}, "`momentum` must be in [0, 1)"),
+            ({"n_iter": 0}, "`n_iter` must be an integer in [1, inf)"),
+        ),
+        notes="run at lr=1: at torchjd's default lr=10 the inner heavy-ball steps do not "
+        "converge and a 1e-7 relative change of A moves the weights by up to 0.33 (600 random "
+        "draws), so no rounding-level comparison holds (the defaults are checked against "
+        "torchjd's recurrence in test_sdmgrad.py); homogeneous only above the 1e-8 added to "
+        "the matrix's scale (not claimed)",
+    ),
+    Method(
+        "modo",
+        lambda t, **kw: ob.modo(num_tasks=t, **kw),
+        two_batches=True,
+        factory=ob.modo,
+        static=lambda t: {"num_tasks": t},
+        invalid=(
+            ({"gamma": 0.0}, "`gamma` must be in (0, inf)"),
+            ({"rho": -1.0}, "`rho` must be in [0, inf)"),
+        ),
+        notes="one projected step on the raw cross-Gramian: not homogeneous",
+    ),
+]
 # Loss-based methods (issue 14): weights from the losses alone, so they are unchanged by
 # any scaling of the gradients (homogeneous, scale-invariant weights) and the output is a
 # weighted sum of the gradients, which conflicts whenever tasks oppose.

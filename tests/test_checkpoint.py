@@ -72,7 +72,9 @@ def test_orbax_resume_equals_uninterrupted_run(m, tmp_path):
     def train_step(params, opt_state):
         traces.append(None)
         losses, grads = ob.value_and_task_grads(_task_losses)(params)
-        updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses)
+        # A two-batch method gets the same batch as its second (Method.batch_kwargs).
+        kw = m.batch_kwargs(grads)
+        updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses, **kw)
         return optax.apply_updates(params, updates), opt_state
 
     def run(state):

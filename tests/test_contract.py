@@ -3,7 +3,8 @@
 The habits of optax's own shared optimizer tests (``optax/contrib/_common_test.py``):
 unknown keyword arguments are ignored; the second call of a jitted ``update`` does not
 trace or compile again; the method trains inside ``optax.chain`` with adam under
-``lax.scan``; ``optax.inject_hyperparams`` gives the same result as the plain factory;
+``lax.scan`` (or with the optimizer its registry entry names); ``optax.inject_hyperparams``
+gives the same result as the plain factory;
 ``optax.MultiSteps`` accumulates; the state keeps its structure, dtypes and weak types
 through ``lax.cond``; ``init`` takes ``jax.ShapeDtypeStruct`` params. And dtypes: bf16,
 f16 and f32 gradients give output in the input dtype with statistics in f32; under
@@ -49,9 +50,9 @@ J0, L0 = I.FINITE_CASES["generic"]
 J1 = I.rand_j(99, T)
 
 
-def _update_fn(tx, **extra):
+def _update_fn(tx, m, **extra):
     def step(g, s, losses):
-        return tx.update(g, s, I.params(), task_losses=losses, **extra)
+        return tx.update(g, s, I.params(), task_losses=losses, **m.batch_kwargs(g), **extra)
 
     return step
 
@@ -66,7 +67,7 @@ def test_jit_contract(m):
     """Unknown keywords ignored; traced and compiled once; state stable through lax.cond."""
     tx = m.make(T)
     traces = []
-    inner = _update_fn(tx, value=jnp.float32(3.0), unknown_extra=1, other=None)
+    inner = _update_fn(tx, m, value=jnp.float32(3.0), unknown_extra=1, other=None)
 
     @jax.jit
     def maybe_step(pred, g, s, losses):
@@ -114,7 +115,8 @@ def _quadratic_losses(p):
 
 @pytest.mark.parametrize("m", ALL)
 def test_chain_adam_under_scan_with_apply_if_finite(m):
-    tx = optax.chain(m.make(T), optax.apply_if_finite(optax.adam(0.1), max_consecutive_errors=5))
+    opt = optax.adam(0.1) if m.train_optimizer is None else m.train_optimizer()
+    tx = optax.chain(m.make(T), optax.apply_if_finite(opt, max_consecutive_errors=5))
     grad_fn = ob.value_and_task_grads(_quadratic_losses)
 
     def body(carry, i):
@@ -123,7 +125,7 @@ def test_chain_adam_under_scan_with_apply_if_finite(m):
         bad = (i == _BAD_STEPS[0]) | (i == _BAD_STEPS[1])
         # Steps 30 and 31: task 1's gradient is NaN.
         g = jax.tree.map(lambda x: x.at[1].multiply(jnp.where(bad, jnp.nan, 1.0)), g)
-        u, s = tx.update(g, s, p, task_losses=losses)
+        u, s = tx.update(g, s, p, task_losses=losses, **m.batch_kwargs(g))
         return (optax.apply_updates(p, u), s), (losses, ob.task_weights(s))
 
     @jax.jit
@@ -177,8 +179,8 @@ def test_inject_hyperparams(m):
 
     @jax.jit
     def both(g, s_inj, s_plain, losses):
-        o1, s_inj = _update_fn(inj)(g, s_inj, losses)
-        o2, s_plain = _update_fn(plain)(g, s_plain, losses)
+        o1, s_inj = _update_fn(inj, m)(g, s_inj, losses)
+        o2, s_plain = _update_fn(plain, m)(g, s_plain, losses)
         return (o1, o2), s_inj, s_plain
 
     s_plain = plain.init(I.params())
@@ -203,6 +205,12 @@ def test_multisteps_balances_the_mean_gradient(m):
     k = 3
     ms = optax.MultiSteps(m.make(T), every_k_schedule=k)
     stacked_like = I.tree(np.zeros((T, I.N), np.float32))
+    if m.tracks_gradients:
+        # Gradient-sized state built from the stacked shapes MultiSteps passes to init:
+        # a clear error, which names the alternative (accumulate after the method).
+        with pytest.raises(ValueError, match=r"optax.chain\(.*optax.MultiSteps\(optimizer"):
+            ms.update(I.tree(J0), ms.init(stacked_like), None, task_losses=L0)
+        return
     if not m.stacked_init:  # state shaped like the stacked gradients, from init's params
         with pytest.raises(ValueError, match="MultiSteps"):
             jax.eval_shape(
@@ -216,7 +224,9 @@ def test_multisteps_balances_the_mean_gradient(m):
 
     # params tell stacked from ordinary gradients for the loss-based methods, whose update
     # takes both (here every leaf's leading axis is T, so without params both readings fit).
-    update = jax.jit(lambda g, s, losses: ms.update(g, s, I.params(), task_losses=losses))
+    update = jax.jit(
+        lambda g, s, losses: ms.update(g, s, I.params(), task_losses=losses, **m.batch_kwargs(g))
+    )
     s, outs = ms.init(stacked_like), []
     for j, losses in zip(js, ls):
         o, s = update(I.tree(j), s, losses)
@@ -225,8 +235,19 @@ def test_multisteps_balances_the_mean_gradient(m):
         np.testing.assert_array_equal(I.flat(o), 0.0)
     st = I.stepper(m.name, T)
     mean_j = (np.mean(np.stack(js), axis=0)).astype(np.float32)
-    # MultiSteps hands the inner update the mean gradient and the last step's losses.
-    want, want_state = st.step(I.tree(mean_j), st.init(), ls[-1])
+    # MultiSteps hands the inner update the mean gradient and the last step's keyword
+    # arguments as they are: the losses, and a two-batch method's second batch.
+    if m.two_batches:
+        tx = m.make(T)
+        want, want_state = tx.update(
+            I.tree(mean_j),
+            tx.init(I.params()),
+            None,
+            task_losses=ls[-1],
+            task_grads2=I.tree(js[-1]),
+        )
+    else:
+        want, want_state = st.step(I.tree(mean_j), st.init(), ls[-1])
     np.testing.assert_allclose(I.flat(outs[-1]), I.flat(want), rtol=1e-4, atol=1e-6)
     for a, b in zip(jax.tree.leaves(s.inner_opt_state), jax.tree.leaves(want_state)):
         if jnp.issubdtype(a.dtype, jnp.inexact):  # not solver iteration counts: the mean

@@ -246,8 +246,8 @@ def test_init_state_can_be_donated():
     for m in METHODS:
         tx = optax.chain(m.make(3), optax.adam(1e-3))
 
-        def step(p, s, g, tx=tx):
-            u, s = tx.update(g, s, p, task_losses=jnp.ones(3))
+        def step(p, s, g, tx=tx, m=m):
+            u, s = tx.update(g, s, p, task_losses=jnp.ones(3), **m.batch_kwargs(g))
             return optax.apply_updates(p, u), s
 
         step = jax.jit(step, donate_argnums=(0, 1))

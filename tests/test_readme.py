@@ -163,3 +163,15 @@ def test_readme_loss_based_section_runs_verbatim_and_balances(capsys):
     exec(compile(plain, str(README), "exec"), namespace)  # noqa: S102
     rel = np.asarray(namespace["losses"] / namespace["first"])
     assert 0.3 < rel[0] < 0.7 and rel[2] < 1 / 30, rel
+
+
+def test_readme_two_batches_section_runs_verbatim(capsys):
+    (block,) = _section_blocks("Two mini-batches (SDMGrad, MoDo)")
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
+    assert "task weights" in capsys.readouterr().out
+    losses = np.asarray(namespace["losses"])
+    # From [9.25, 4.25] at the start to the label noise (0.1^2) within a factor of five.
+    assert losses.shape == (2,) and np.all(losses < 0.05), losses
+    w = np.asarray(namespace["ob"].task_weights(namespace["opt_state"]))
+    assert w.shape == (2,) and abs(w.sum() - 1.0) < 1e-5 and np.all(w >= 0)

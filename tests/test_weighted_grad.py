@@ -27,7 +27,8 @@ ELIGIBLE = {"gram", "sq_norms", "losses"}
 
 
 def _eligible(tx) -> bool:
-    return set(tx.weighting.needs) <= ELIGIBLE
+    w = tx.weighting
+    return set(w.needs) <= ELIGIBLE and w.head_scales is None
 
 
 def _data(dtype=np.float32):

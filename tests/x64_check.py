@@ -26,7 +26,7 @@ def _report(m) -> dict:
     p = I.params(f64)
 
     def step(g, s, losses):
-        return tx.update(g, s, p, task_losses=losses)
+        return tx.update(g, s, p, task_losses=losses, **m.batch_kwargs(g))
 
     j0, l0 = I.FINITE_CASES["generic"]
     jstep = jax.jit(step)  # one compile: every call below has the same avals

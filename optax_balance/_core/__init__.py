@@ -8,8 +8,8 @@ A method is a :class:`Weighting` (``_weighting``): statistics [+ state] -> weigh
 * ``_tree``: the stacked gradient tree (one leading task axis of the same size on every
   leaf, or an ordinary gradient for loss-based methods), the ``shared`` mask, the losses;
 * ``_gram`` and ``_stats``: the statistics, leaf by leaf in float32 (float64 under x64),
-  never by ravelling all parameters into one vector, with CPU/GPU Gramian kernels, and
-  their sync over devices;
+  never by ravelling all parameters into one vector, with CPU/GPU Gramian kernels (and
+  the cross-Gramian of two mini-batches, ``task_grads2=``), and their sync over devices;
 * ``_combine``: ``sum_i w_i g_i`` leaf by leaf, cast back to each leaf's dtype;
 * ``_weighting``: the :class:`Weighting` value and the non-finite guard;
 * ``_transform``: :func:`balance`, the optax transformation with device sync.
@@ -27,16 +27,19 @@ from optax_balance._core._checks import (
     is_traced,
 )
 from optax_balance._core._combine import combine, combine_leaf, sum_leaf
-from optax_balance._core._gram import leaf_gram, leaf_sq_norms
+from optax_balance._core._gram import leaf_cross_gram, leaf_gram, leaf_sq_norms
 from optax_balance._core._stats import (
     STAT_NAMES,
     Stats,
     all_finite,
     compute_stats,
+    cross_gramian,
+    dots,
     gramian,
     safe_inverse,
     safe_sqrt,
     sq_norms,
+    stats_from_cross_gram,
     stats_from_gram,
     sync_stats,
 )
@@ -52,9 +55,11 @@ from optax_balance._core._transform import (
 )
 from optax_balance._core._tree import (
     check_losses,
+    check_second_batch,
     is_stacked,
     num_tasks_of,
     resolve_mask,
+    stacked_zeros_like,
     unstacked_like,
 )
 from optax_balance._core._types import Array, PyTree, SharedMask, Sync, stat_dtype
@@ -74,12 +79,15 @@ __all__ = [
     "check_choice",
     "check_int",
     "check_losses",
+    "check_second_batch",
     "check_num_tasks",
     "check_range",
     "check_task_vector",
     "combine",
     "combine_leaf",
     "compute_stats",
+    "cross_gramian",
+    "dots",
     "gramian",
     "grads_finite",
     "guarded_weigh",
@@ -87,6 +95,7 @@ __all__ = [
     "is_concrete",
     "is_stacked",
     "is_traced",
+    "leaf_cross_gram",
     "leaf_gram",
     "leaf_sq_norms",
     "loss_stats",
@@ -97,7 +106,9 @@ __all__ = [
     "safe_inverse",
     "safe_sqrt",
     "sq_norms",
+    "stacked_zeros_like",
     "stat_dtype",
+    "stats_from_cross_gram",
     "statistic_masks",
     "stats_from_gram",
     "sum_leaf",

@@ -13,16 +13,18 @@ from optax_balance._core._types import Array, PyTree, stat_dtype
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def combine_leaf(w: Array | np.ndarray, g: Array) -> Array:
+def combine_leaf(w: Array | np.ndarray, g: Array, *, keep_f32: bool = False) -> Array:
     """``sum_i w_i g_i`` for one stacked leaf, accumulated in f32, returned in g's dtype.
 
     ``w`` is ``(T,)`` (one weight per task, a contraction) or ``g``'s full shape (one
-    weight per task and coordinate, as GradDrop's masks).
+    weight per task and coordinate, as GradDrop's masks). ``keep_f32``: return the f32
+    accumulator (the statistics dtype) instead, for a caller that adds more terms.
     """
     g = jnp.asarray(g)
     dt = stat_dtype()
+    out_dt = dt if keep_f32 else g.dtype
     if np.ndim(w) > 1:
-        return _coordinate_sum(jnp.asarray(w), g).astype(g.dtype)
+        return _coordinate_sum(jnp.asarray(w), g).astype(out_dt)
     # A dot over the task axis, not ``jnp.sum(w[:, None] * g, 0)``: XLA's CPU backend runs
     # a reduction over a short leading axis of a long array far slower (21 ms against
     # 0.35 ms for a (2, 1e6) leaf, issue 17's figures).
@@ -33,7 +35,7 @@ def combine_leaf(w: Array | np.ndarray, g: Array) -> Array:
         precision=_HIGHEST,
         preferred_element_type=dt,
     )
-    return out.astype(g.dtype)
+    return out.astype(out_dt)
 
 
 # Per-coordinate weights: up to this many tasks the sum over the task axis is written out
@@ -62,10 +64,10 @@ def _coordinate_sum(w: Array, g: Array) -> Array:
     return jax.lax.fori_loop(1, t, lambda i, o: o + term(i), term(0))
 
 
-def sum_leaf(g: Array) -> Array:
+def sum_leaf(g: Array, *, keep_f32: bool = False) -> Array:
     """``sum_i g_i`` over the task axis (a task-specific leaf), accumulated in f32."""
     g = jnp.asarray(g)
-    return combine_leaf(jnp.ones((g.shape[0],), stat_dtype()), g)
+    return combine_leaf(jnp.ones((g.shape[0],), stat_dtype()), g, keep_f32=keep_f32)
 
 
 def is_task_vector(weights: Any) -> bool:
@@ -77,20 +79,42 @@ def is_task_vector(weights: Any) -> bool:
     return isinstance(weights, jax.Array | np.ndarray) and np.ndim(weights) == 1
 
 
-def combine(updates: PyTree, weights: Array | PyTree, shared_mask: PyTree) -> PyTree:
+def combine(
+    updates: PyTree,
+    weights: Array | PyTree,
+    shared_mask: PyTree,
+    *,
+    keep_f32: bool = False,
+    head_scales: Array | None = None,
+) -> PyTree:
     """Weighted sum over the task axis on shared leaves; plain sum on task-specific ones.
 
     ``weights`` is a ``(T,)`` array, or a pytree with the params' structure holding, per
     statistic leaf, a ``(T,)`` array (per-leaf weights, as in MetaBalance) or an array of
     the leaf's stacked shape (per-coordinate weights), and ``None`` elsewhere (shared
-    leaves outside the statistics then get a plain sum).
+    leaves outside the statistics then get a plain sum). ``keep_f32``: every leaf as its
+    f32 accumulator, not cast back to its dtype. ``head_scales``: ``(T,)`` weights of the
+    task-specific leaves instead of the plain sum (``Weighting.head_scales``).
     """
+    f32 = keep_f32
+
+    def rest(g: Array) -> Array:
+        if head_scales is None:
+            return sum_leaf(g, keep_f32=f32)
+        return combine_leaf(head_scales, g, keep_f32=f32)
+
     if is_task_vector(weights):
         return jax.tree.map(
-            lambda g, m: combine_leaf(weights, g) if m else sum_leaf(g), updates, shared_mask
+            lambda g, m: combine_leaf(weights, g, keep_f32=f32) if m else rest(g),
+            updates,
+            shared_mask,
         )
     return jax.tree.map(
-        lambda g, m, w: combine_leaf(w, g) if (m and w is not None) else sum_leaf(g),
+        lambda g, m, w: (
+            combine_leaf(w, g, keep_f32=f32)
+            if (m and w is not None)
+            else (sum_leaf(g, keep_f32=f32) if m else rest(g))
+        ),
         updates,
         shared_mask,
         weights,

@@ -41,6 +41,12 @@ def leaf_sq_norms(g: Array) -> Array:
     return jnp.sum(f * f, axis=rest_axes(g))
 
 
+def leaf_dots(g1: Array, g2: Array) -> Array:
+    """Per-task inner products ``(T,)`` of two stacked leaves of one shape, in f32."""
+    dt = stat_dtype()
+    return jnp.sum(g1.astype(dt) * g2.astype(dt), axis=rest_axes(g1))
+
+
 def _replicated_if_explicit(g: Array) -> Any:
     """``out_sharding`` for a contraction of ``g``'s sharded axes, or ``None``.
 
@@ -185,4 +191,74 @@ def leaf_gram(g: Array) -> Array:
         return jnp.zeros((t, t), dt)
     return jax.lax.platform_dependent(
         x, cpu=lambda x: _gram_cpu(x, dt), default=lambda x: _gram_dot(x, dt)
+    )
+
+
+# The cross-Gramian ``J1 J2^T`` of two batches' stacked gradients of one leaf (SDMGrad,
+# MoDo: an unbiased estimate of the Gramian of the expected gradients). The Gramian's
+# kernels on two operands: on CPU the dot over column chunks (same chunk sizes, same
+# reasons: YNNPACK's packing stays in cache), elsewhere one dot_general.
+
+
+def _cross_gram_dot(x: Array, y: Array, dt: Any) -> Array:
+    return jax.lax.dot_general(
+        x, y, (((1,), (1,)), ((), ())), precision=_HIGHEST, preferred_element_type=dt
+    ).astype(dt)
+
+
+def _cross_gram_chunked(
+    kernel: Callable[[Array, Array, Any], Array], x: Array, y: Array, dt: Any, chunk: int
+) -> Array:
+    """``kernel``'s cross-Gramian summed over column chunks of ``x`` and ``y`` (T, n)."""
+    t, n = x.shape
+    m = n // chunk
+    if m < 2:
+        return kernel(x, y, dt)
+
+    def body(i: Array, acc: Array) -> Array:
+        xi = jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1)
+        yi = jax.lax.dynamic_slice_in_dim(y, i * chunk, chunk, axis=1)
+        return acc + kernel(xi, yi, dt)
+
+    acc = jax.lax.fori_loop(0, m, body, jnp.zeros((t, t), dt))
+    if n > m * chunk:
+        acc = acc + kernel(x[:, m * chunk :], y[:, m * chunk :], dt)
+    return acc
+
+
+def _cross_gram_cpu(x: Array, y: Array, dt: Any) -> Array:
+    return _cross_gram_chunked(_cross_gram_dot, x, y, dt, _chunk_columns(x.shape[0]))
+
+
+def leaf_cross_gram(g1: Array, g2: Array) -> Array:
+    """``g1.reshape(T, -1) @ g2.reshape(T, -1).T`` (two batches of one stacked leaf).
+
+    Accumulated in the statistics dtype; not symmetric in general. ``g1`` and ``g2`` have
+    the same shape (the dtypes may differ).
+    """
+    t = g1.shape[0]
+    dt = stat_dtype()
+    axes = rest_axes(g1)
+    out_sharding = _replicated_if_explicit(g1)
+    if out_sharding is not None:
+        if g1.dtype != g2.dtype:
+            g1, g2 = g1.astype(dt), g2.astype(dt)
+        return jax.lax.dot_general(
+            g1,
+            g2,
+            ((axes, axes), ((), ())),
+            precision=_HIGHEST,
+            preferred_element_type=dt,
+            out_sharding=out_sharding,
+        ).astype(dt)
+    x, y = g1.reshape(t, -1), g2.reshape(t, -1)
+    if x.shape[1] == 0:
+        return jnp.zeros((t, t), dt)
+    if x.dtype != y.dtype:  # a dot needs one operand dtype; f32 holds bf16/f16 exactly
+        x, y = x.astype(dt), y.astype(dt)
+    return jax.lax.platform_dependent(
+        x,
+        y,
+        cpu=lambda x, y: _cross_gram_cpu(x, y, dt),
+        default=lambda x, y: _cross_gram_dot(x, y, dt),
     )

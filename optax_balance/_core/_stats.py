@@ -9,11 +9,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_balance._core._gram import leaf_gram, leaf_sq_norms, rest_axes
+from optax_balance._core._gram import (
+    leaf_cross_gram,
+    leaf_dots,
+    leaf_gram,
+    leaf_sq_norms,
+    rest_axes,
+)
 from optax_balance._core._types import Array, PyTree, stat_dtype
 
 # What a weighting can ask for (``Weighting.needs``).
-STAT_NAMES = ("gram", "sq_norms", "item_sq_norms", "leaf_sq_norms", "leaf_gram", "grads", "losses")
+STAT_NAMES = (
+    "gram",
+    "sq_norms",
+    "item_sq_norms",
+    "leaf_sq_norms",
+    "leaf_gram",
+    "grads",
+    "losses",
+    "cross_gram",
+)
 
 
 class Stats(NamedTuple):
@@ -41,6 +56,10 @@ class Stats(NamedTuple):
         and ``None`` elsewhere (``"grads"``), for methods that are not functions of a
         Gramian (GradDrop, coordinate-wise aggregators, methods with gradient-sized state).
       losses: ``(T,)`` task losses (``"losses"``).
+      cross_gram: ``(T, T)`` cross-Gramian :math:`J_1 J_2^\top` of two independent
+        mini-batches' task gradients (``"cross_gram"``; the second batch arrives as
+        ``task_grads2=`` of ``update``): an unbiased estimate of the Gramian of the
+        expected gradients, not symmetric in general (SDMGrad, MoDo).
       extra: the per-task ``(T,)`` vectors that ``update`` received as the keywords named
         in the weighting's ``extra_args`` (FAMO's ``losses_after``), as a dict from name
         to array holding only those given (``None`` when the weighting names none).
@@ -53,12 +72,13 @@ class Stats(NamedTuple):
     leaf_gram: PyTree = None
     grads: PyTree = None
     losses: Array | None = None
+    cross_gram: Array | None = None
     extra: dict[str, Array] | None = None
 
     @property
     def num_tasks(self) -> int:
         """T, from the first statistic that is set."""
-        for x in (self.gram, self.sq_norms, self.item_sq_norms, self.losses):
+        for x in (self.gram, self.sq_norms, self.item_sq_norms, self.losses, self.cross_gram):
             if x is not None:
                 return int(np.shape(x)[0])
         for tree in (self.leaf_sq_norms, self.leaf_gram, self.grads):
@@ -102,6 +122,13 @@ def gramian(leaves: Sequence[Array], num_tasks: int) -> Array:
     return _sum([leaf_gram(g) for g in leaves], jnp.zeros((num_tasks, num_tasks), stat_dtype()))
 
 
+def dots(leaves: Sequence[Array], leaves2: Sequence[Array], num_tasks: int) -> Array:
+    """Per-task inner products ``(T,)`` summed over pairs of leaves (the cross-Gramian's
+    diagonal, without the rest of it)."""
+    zero = jnp.zeros((num_tasks,), stat_dtype())
+    return _sum([leaf_dots(a, b) for a, b in zip(leaves, leaves2)], zero)
+
+
 def sq_norms(leaves: Sequence[Array], num_tasks: int) -> Array:
     """Per-task squared norms ``(T,)`` summed over ``leaves``."""
     return _sum([leaf_sq_norms(g) for g in leaves], jnp.zeros((num_tasks,), stat_dtype()))
@@ -111,10 +138,25 @@ def _per_leaf(fn: Any, updates: PyTree, stat_mask: PyTree) -> PyTree:
     return jax.tree.map(lambda g, m: fn(g) if m else None, updates, stat_mask)
 
 
+def cross_gramian(leaves: Sequence[Array], leaves2: Sequence[Array], num_tasks: int) -> Array:
+    """The ``(T, T)`` cross-Gramian ``J1 J2^T`` summed over pairs of leaves."""
+    zero = jnp.zeros((num_tasks, num_tasks), stat_dtype())
+    return _sum([leaf_cross_gram(a, b) for a, b in zip(leaves, leaves2)], zero)
+
+
 def compute_stats(
-    needs: Sequence[str], updates: PyTree, stat_mask: PyTree, num_tasks: int, losses: Any
+    needs: Sequence[str],
+    updates: PyTree,
+    stat_mask: PyTree,
+    num_tasks: int,
+    losses: Any,
+    updates2: PyTree = None,
 ) -> Stats:
-    """The statistics named in ``needs``, on the leaves of ``updates`` where ``stat_mask``."""
+    """The statistics named in ``needs``, on the leaves of ``updates`` where ``stat_mask``.
+
+    ``updates2`` (a second batch's stacked gradients, validated by the caller) is read
+    only for ``"cross_gram"``.
+    """
     leaves = [g for g, m in zip(jax.tree.leaves(updates), jax.tree.leaves(stat_mask)) if m]
     out: dict[str, Any] = {"losses": losses if "losses" in needs else None}
     if "leaf_gram" in needs:
@@ -142,6 +184,9 @@ def compute_stats(
         out["item_sq_norms"] = _sum(items, zero)
     if "grads" in needs:
         out["grads"] = _per_leaf(lambda g: g, updates, stat_mask)
+    if "cross_gram" in needs:
+        leaves2 = [g for g, m in zip(jax.tree.leaves(updates2), jax.tree.leaves(stat_mask)) if m]
+        out["cross_gram"] = cross_gramian(leaves, leaves2, num_tasks)
     return Stats(**out)
 
 
@@ -156,6 +201,15 @@ def stats_from_gram(gram: Any, losses: Any = None) -> Stats:
         if losses.shape != (t,):
             raise ValueError(f"`losses` must have shape ({t},), got {losses.shape}.")
     return Stats(gram=gram, sq_norms=jnp.diagonal(gram), losses=losses)
+
+
+def stats_from_cross_gram(cross_gram: Any, losses: Any = None) -> Stats:
+    """:class:`Stats` from a ``(T, T)`` cross-Gramian ``J1 J2^T`` computed elsewhere."""
+    cross = jnp.asarray(cross_gram).astype(stat_dtype())
+    if cross.ndim != 2 or cross.shape[0] != cross.shape[1]:
+        raise ValueError(f"expected a (T, T) cross-Gramian J1 J2^T, got shape {cross.shape}.")
+    base = stats_from_gram(jnp.zeros_like(cross), losses)  # validates the losses
+    return Stats(cross_gram=cross, losses=base.losses)
 
 
 def _pmean(tree: PyTree, axis_name: Any) -> PyTree:
@@ -179,11 +233,13 @@ def _gather_items(x: Array, axis_name: Any) -> Array:
 def sync_stats(stats: Stats, axis_name: Any) -> Stats:
     """Averages the statistics over the axis; per-item statistics are gathered instead.
 
-    The losses are averaged by the caller (in every sync mode); the stacked gradients are
-    never part of a statistics-only sync.
+    The cross-Gramian is averaged like the Gramian: the mean over devices of
+    :math:`J_{1,d} J_{2,d}^\top`, still an unbiased estimate since each device's two
+    batches are independent. The losses are averaged by the caller (in every sync mode);
+    the stacked gradients are never part of a statistics-only sync.
     """
     out = {}
-    for k in ("gram", "sq_norms", "leaf_sq_norms", "leaf_gram"):
+    for k in ("gram", "sq_norms", "leaf_sq_norms", "leaf_gram", "cross_gram"):
         v = getattr(stats, k)
         if v is None or (k == "sq_norms" and stats.gram is not None):
             continue  # the averaged Gramian's diagonal, below: T fewer numbers to send

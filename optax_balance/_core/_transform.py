@@ -13,7 +13,12 @@ from optax_balance._core import _checks, _tree
 from optax_balance._core._combine import combine
 from optax_balance._core._stats import Stats, all_finite, compute_stats, sync_stats
 from optax_balance._core._types import PyTree, SharedMask, Sync, stat_dtype
-from optax_balance._core._weighting import Weighting, guarded_weigh, tree_none_outside
+from optax_balance._core._weighting import (
+    Weighting,
+    guarded_weigh,
+    guarded_weigh_ok,
+    tree_none_outside,
+)
 
 try:  # optax >= 0.2.8: the aggregation API this library's methods belong to
     from optax.experimental import aggregating as _aggregating
@@ -35,6 +40,39 @@ class BalancedTransform(_Base):  # type: ignore[misc,valid-type]
     axis_name: Any
     sync: Sync
     num_tasks: int | None
+
+
+def _check_estimates(estimates: PyTree, updates: PyTree, stat_mask: PyTree, name: str) -> None:
+    """The tracked estimates must be the statistic leaves' stacked shapes (else: a clear
+    error, not a broadcast): ``init`` saw params of other shapes."""
+    est = jax.tree.leaves(estimates, is_leaf=lambda x: x is None)
+    path_leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
+    masks = jax.tree.leaves(stat_mask)
+    if len(est) == len(path_leaves):
+        bad = [
+            (jax.tree_util.keystr(p), np.shape(e), np.shape(g))
+            for (p, g), e, m in zip(path_leaves, est, masks)
+            if (e is None) == m or (m and np.shape(e) != np.shape(g))
+        ]
+    else:
+        bad = [("<tree>", jax.tree.structure(estimates), jax.tree.structure(updates))]
+    if bad:
+        path, e, g = bad[0]
+        raise ValueError(
+            f"{name}: the tracked gradient estimates in the state do not match the stacked "
+            f"gradients (leaf {path}: {e} in the state, {g} in the gradients); `init` was "
+            f"given params of another shape or `shared` mask. optax.MultiSteps initialises "
+            f"the method with the stacked gradients' shapes, which gradient-sized state "
+            f"cannot take: accumulate after the method instead, "
+            f"optax.chain({name}, optax.MultiSteps(optimizer, k))."
+        )
+
+
+def _with_estimates(updates: PyTree, estimates: PyTree) -> PyTree:
+    """``updates`` with its statistic leaves replaced by the tracked ``estimates``."""
+    return jax.tree.map(
+        lambda e, g: g if e is None else e, estimates, updates, is_leaf=lambda x: x is None
+    )
 
 
 def resolve_num_tasks(weighting: Weighting, num_tasks: int | None) -> int | None:
@@ -176,6 +214,20 @@ def balance(
     poisoned and the non-finite gradient stays visible downstream (to
     ``optax.apply_if_finite``).
 
+    Weightings with gradient-sized state (``Weighting.tracked``: MoCo, DB-MTL) combine
+    their tracked estimates of the task gradients instead of the incoming ones on the
+    statistic leaves, and a weighting with ``Weighting.head_scales`` (DB-MTL, IMTL) weighs
+    the task-specific leaves by per-task scales instead of summing them.
+
+    Two mini-batches: a weighting that needs ``"cross_gram"`` (SDMGrad, MoDo) reads
+    :math:`J_1 J_2^\top` of two independent mini-batches' stacked gradients, the second
+    given as ``update(grads, state, params, task_grads2=grads2)`` (same structure and
+    shapes as ``grads``; a ``ValueError`` says so when it is missing). Its output combines
+    the mean of the two batches, :math:`d = \sum_i w_i (g_i^{(1)} + g_i^{(2)})/2` (the
+    gradient of the weighted loss on both batches: every sample drawn is used), and
+    task-specific leaves get :math:`\sum_i (g_i^{(1)} + g_i^{(2)})/2`. Weightings that do not
+    need it ignore ``task_grads2``.
+
     Loss-based weightings (``needs == ("losses",)``) also take an ordinary gradient:
     ``update`` then returns it unchanged and advances the state (see
     :func:`optax_balance.weighted_loss`); stacked and ordinary gradients are told apart
@@ -240,6 +292,7 @@ def balance(
     # modes) and the gradients, whose items differ per device, are never averaged.
     per_device_items = "item_sq_norms" in needs
     grad_stats = [n for n in needs if n != "losses"]
+    two_batches = "cross_gram" in needs
 
     def init_fn(params: PyTree) -> Any:
         state = initial_state(weighting, 0 if t_cfg is None else t_cfg, params, shared)
@@ -258,6 +311,19 @@ def balance(
         if axis_name is not None and sync == "grads":
             updates = _pmean(updates, axis_name)
         return updates, new_state
+
+    def second_batch(extra_args: dict[str, Any], updates: PyTree) -> PyTree:
+        if not two_batches:
+            return None  # ignored, as any keyword a method does not use
+        grads2 = extra_args.get("task_grads2")
+        if grads2 is None:
+            raise ValueError(
+                f"{name} needs the stacked gradients of a second, independent mini-batch: "
+                f"call `tx.update(grads, state, params, task_grads2=grads2)` with `grads2` "
+                f"from another batch (ob.value_and_task_grads on it); its weights come from "
+                f"the cross-Gramian J1 J2^T, which one batch's Gramian would bias."
+            )
+        return _tree.check_second_batch(jax.tree.map(jnp.asarray, grads2), updates, name)
 
     def update_fn(
         updates: PyTree, state: Any, params: PyTree | None = None, **extra_args: Any
@@ -295,7 +361,10 @@ def balance(
                 f"gradients' structure {jax.tree.structure(updates)}."
             )
         _tree.check_selects(shared_m, stat_m, weighting.stat_mask_name, name)
+        updates2 = second_batch(extra_args, updates)
         state = ready_state(weighting, state, t, like, shared)
+        if weighting.tracked is not None:
+            _check_estimates(getattr(state, weighting.tracked), updates, stat_m, name)
         stats_in = loss_stats(weighting, task_losses, extra_args, num_tasks=t, axis_name=axis_name)
 
         # Devices. "grads": the leaves the statistics read are averaged before them, every
@@ -306,18 +375,47 @@ def balance(
         grads_mode = axis_name is not None and sync == "grads" and not per_device_items
         read_m = stat_m if grad_stats else jax.tree.map(lambda _: False, stat_m)
         if grads_mode:
-            updates = jax.tree.map(
-                lambda g, m: jax.lax.pmean(g, axis_name) if m else g, updates, read_m
+            updates, updates2 = (
+                None
+                if u is None
+                else jax.tree.map(lambda g, m: jax.lax.pmean(g, axis_name) if m else g, u, read_m)
+                for u in (updates, updates2)
             )
-        stats = compute_stats(needs, updates, stat_m, t, stats_in.losses)
+        stats = compute_stats(needs, updates, stat_m, t, stats_in.losses, updates2)
         if axis_name is not None and not grads_mode:
             stats = sync_stats(stats, axis_name)
         stats = stats._replace(extra=stats_in.extra)
         # Weights of the losses alone: the guard cannot see the gradients, so check them.
         ok = grads_finite(updates, stat_m, axis_name) if weighting.losses_only else True
 
-        weights, new_state = guarded_weigh(weighting, stats, state, ok)
-        out = combine(updates, weights, shared_m)
+        weights, new_state, ok = guarded_weigh_ok(weighting, stats, state, ok)
+        heads = None
+        if weighting.head_scales is not None:
+            heads = getattr(new_state, weighting.head_scales)
+        sources = [updates] if updates2 is None else [updates, updates2]
+
+        def combined(trees: list[PyTree]) -> PyTree:
+            """The mean of the trees' combinations (two batches), in f32."""
+            outs = [combine(u, weights, shared_m, keep_f32=True, head_scales=heads) for u in trees]
+            return outs[0] if len(outs) == 1 else jax.tree.map(lambda a, b: 0.5 * (a + b), *outs)
+
+        if weighting.tracked is None:
+            out = combined(sources)
+        else:
+            # The tracked estimates (as the guarded new state holds them) on the statistic
+            # leaves; a non-finite step combines the incoming gradients with the previous
+            # weights instead. One branch runs under lax.cond; under a device axis the
+            # estimates and the averaged gradients may differ in device variance, which
+            # cond's branches may not, so both are computed and selected.
+            est = getattr(new_state, weighting.tracked)
+            tracked_sources = [_with_estimates(u, est) for u in sources]
+            if axis_name is None:
+                out = jax.lax.cond(ok, combined, lambda _: combined(sources), tracked_sources)
+            else:
+                out = jax.tree.map(
+                    lambda a, b: jnp.where(ok, a, b), combined(tracked_sources), combined(sources)
+                )
+        out = jax.tree.map(lambda o, g: o.astype(g.dtype), out, updates)
         if grads_mode:
             out = jax.tree.map(lambda o, m: o if m else jax.lax.pmean(o, axis_name), out, read_m)
         return out, new_state

@@ -282,3 +282,52 @@ def is_stacked(
         f"T={num_tasks}) or one ordinary gradient whose leaves happen to start with "
         f"{num_tasks}: pass `params` to `update` (tx.update(grads, state, params, ...))."
     )
+
+
+def check_second_batch(updates2: PyTree, updates: PyTree, method: str) -> PyTree:
+    """Validates ``task_grads2`` (a second mini-batch's stacked gradients) against the first.
+
+    The two trees must have the same structure and every leaf the same shape (so the same
+    T); dtypes may differ.
+
+    Raises:
+      ValueError: naming the leaf path and both shapes, or both structures.
+    """
+    if jax.tree.structure(updates2) != jax.tree.structure(updates):
+        raise ValueError(
+            f"{method}: `task_grads2` must have the structure of the first batch's stacked "
+            f"gradients, {jax.tree.structure(updates)}; got {jax.tree.structure(updates2)}."
+        )
+    paths, leaves2, _ = _leaf_paths(updates2)
+    for path, g2, g1 in zip(paths, leaves2, jax.tree.leaves(updates)):
+        if np.shape(g2) != np.shape(g1):
+            raise ValueError(
+                f"{method}: `task_grads2` leaf {path} has shape {np.shape(g2)} but the first "
+                f"batch's has shape {np.shape(g1)}: both batches' stacked gradients need the "
+                f"same leaves, shape (T, *param.shape) with the same T."
+            )
+        if not jnp.issubdtype(jnp.result_type(g2), jnp.inexact):
+            raise ValueError(
+                f"{method}: `task_grads2` leaf {path} has dtype {jnp.result_type(g2)}; "
+                f"gradients are floating point."
+            )
+    return updates2
+
+
+def stacked_zeros_like(params: PyTree, num_tasks: int) -> PyTree:
+    """Zeros of shape ``(T, *leaf.shape)`` in the statistics dtype, ``None`` stays ``None``.
+
+    The gradient-sized state of a weighting with tracked estimates
+    (``Weighting.tracked``). Built from ``zeros_like`` of each leaf, so concrete params
+    placed on a mesh, and params typed with ``Explicit`` sharding, give estimates sharded
+    like them with the task axis unsharded (under ``jit`` with ``Auto`` axes the compiler
+    places them, as for any optax state: pass ``out_shardings`` to a jitted ``init``).
+    """
+
+    def zeros(p: Any) -> Any:
+        if p is None:
+            return None
+        z = jnp.zeros_like(p, dtype=stat_dtype())
+        return jnp.broadcast_to(z[None], (num_tasks, *np.shape(p)))
+
+    return jax.tree.map(zeros, params, is_leaf=lambda x: x is None)

@@ -11,7 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_balance._core._combine import is_task_vector
-from optax_balance._core._stats import STAT_NAMES, Stats, all_finite, stats_from_gram
+from optax_balance._core._stats import (
+    STAT_NAMES,
+    Stats,
+    all_finite,
+    stats_from_cross_gram,
+    stats_from_gram,
+)
 from optax_balance._core._types import Array, PyTree, SharedMask, stat_dtype
 
 WeighFn = Callable[[Stats, Any], tuple[Any, Any]]
@@ -34,7 +40,11 @@ class Weighting:
         weights, state = weighting(gram, state)     # the next step
 
     and any weighting on a :class:`optax_balance.Stats`; a 1-D array is read as the
-    losses (for loss-based weightings).
+    losses (for loss-based weightings). A weighting that needs ``"cross_gram"`` (SDMGrad,
+    MoDo) reads a 2-D array as the cross-Gramian :math:`J_1 J_2^\top` of two independent
+    mini-batches::
+
+        weights, state = ob.weightings.modo()(j1 @ j2.T)
 
     Attributes:
       init: ``init(num_tasks) -> state``, a NamedTuple of arrays with a ``(T,)`` field
@@ -47,8 +57,9 @@ class Weighting:
         an array of the leaf's stacked shape (per-coordinate weights), ``None`` elsewhere.
         It must be jittable: no Python control flow on array values.
       needs: the statistics ``weigh`` reads, from ``"gram"``, ``"sq_norms"``,
-        ``"item_sq_norms"``, ``"leaf_sq_norms"``, ``"leaf_gram"``, ``"grads"`` and
-        ``"losses"`` (the last makes ``task_losses`` required); see
+        ``"item_sq_norms"``, ``"leaf_sq_norms"``, ``"leaf_gram"``, ``"grads"``,
+        ``"cross_gram"`` (makes ``task_grads2`` required) and ``"losses"`` (makes
+        ``task_losses`` required); see
         :class:`optax_balance.Stats`. A weighting that needs only ``"losses"`` also
         accepts an ordinary (unstacked) gradient (see :func:`optax_balance.weighted_loss`).
       name: the method's name, for error messages.
@@ -57,6 +68,28 @@ class Weighting:
         GradNorm's ``norm_mask``; ``None``: every shared leaf.
       stat_mask_name: the public name of ``stat_mask``, for error messages.
       init_takes_params: ``init`` takes the statistic leaves as a second argument.
+      tracked: the name of a state field holding *tracked estimates* of the task gradients
+        (MoCo's :math:`y`, DB-MTL's moving average): a stacked tree with the params'
+        structure, ``(T, *leaf.shape)`` in the statistics dtype on each statistic leaf
+        and ``None`` elsewhere, built by ``init(num_tasks, params)`` (so
+        ``init_takes_params`` is required). The transformation then combines, on the
+        statistic leaves, those estimates as the new state holds them,
+        :math:`d = \sum_i w_i y_i`, instead of the incoming gradients (which ``weigh``
+        reads through ``"grads"`` to update the estimates). The state is the one copy of
+        the estimates. On a non-finite step the estimates are kept and the incoming
+        gradients are combined with the previous weights, as for every method (a NaN/Inf
+        gradient stays visible in the output, for ``optax.apply_if_finite``). The guard
+        does not scan the new estimates (a T x P reduction over them would keep them
+        alive next to the old ones): ``weigh`` must make its weights or another state
+        field non-finite whenever an estimate is, as weights computed from the new
+        estimates' norms or Gramian are; and to let a donated state be updated in place,
+        it should compute those statistics from the old estimates and the gradients
+        (expanding the norms), not from the new estimates.
+      head_scales: the name of a ``(T,)`` state field :math:`c`: the task-specific leaves
+        (``shared=False``) are combined as :math:`\sum_i c_i g_i` instead of summed. For
+        methods that rescale the losses themselves (DB-MTL's log-losses, IMTL's learned
+        scales), whose task heads train on the rescaled losses. Read from the new state
+        (on a non-finite step, the previous scales).
       nonnegative_losses: the weights read the losses as non-negative quantities (MGDA's
         normalisation by the loss): a negative ``task_losses`` entry is a ``ValueError``
         when the losses are concrete and a run-time ``UserWarning`` when traced.
@@ -74,6 +107,8 @@ class Weighting:
     stat_mask: SharedMask = None
     stat_mask_name: str = "norm_mask"
     init_takes_params: bool = False
+    tracked: str | None = None
+    head_scales: str | None = None
     nonnegative_losses: bool = False
     extra_args: tuple[str, ...] = ()
 
@@ -89,6 +124,11 @@ class Weighting:
         object.__setattr__(self, "extra_args", extra)
         if not (callable(self.init) and callable(self.weigh)):
             raise ValueError("Weighting `init` and `weigh` must be callables.")
+        if self.tracked is not None and not self.init_takes_params:
+            raise ValueError(
+                "a Weighting with `tracked` estimates builds them from the params: set "
+                "`init_takes_params=True` (init(num_tasks, params))."
+            )
 
     @property
     def needs_losses(self) -> bool:
@@ -105,8 +145,9 @@ class Weighting:
 
         Args:
           stats: a :class:`optax_balance.Stats`, a ``(T, T)`` Gramian (for weightings
-            that need only ``"gram"``, and ``"losses"`` given as ``losses``), or a
-            ``(T,)`` array of losses (for loss-based weightings).
+            that need only ``"gram"``, and ``"losses"`` given as ``losses``), a ``(T, T)``
+            cross-Gramian (for weightings that need ``"cross_gram"``), or a ``(T,)`` array
+            of losses (for loss-based weightings).
           state: the weighting's state; ``None`` starts from ``init(T)``.
           losses: ``(T,)`` losses to go with a Gramian.
 
@@ -121,6 +162,8 @@ class Weighting:
                     raise ValueError("pass the losses once: as `stats` or as `losses`.")
                 arr = arr.astype(stat_dtype())
                 stats = Stats(losses=arr)
+            elif "cross_gram" in self.needs and "gram" not in self.needs:
+                stats = stats_from_cross_gram(arr, losses)
             else:
                 stats = stats_from_gram(arr, losses)
         if stats.gram is not None and stats.sq_norms is None:
@@ -157,8 +200,22 @@ def guarded_weigh(
     False, keeps the previous state and returns the previous ``state.weights``
     (broadcast to per-leaf or per-coordinate weights as needed).
     """
+    weights, new_state, _ = guarded_weigh_ok(weighting, stats, state, ok)
+    return weights, new_state
+
+
+def guarded_weigh_ok(
+    weighting: Weighting, stats: Stats, state: Any, ok: Any = True
+) -> tuple[Any, Any, Array]:
+    """:func:`guarded_weigh`, and whether the step was finite (a scalar bool)."""
     weights, new_state = weighting.weigh(stats, state)
-    ok = jnp.logical_and(ok, all_finite((stats._replace(grads=None), weights, new_state)))
+    checked = new_state
+    if weighting.tracked is not None:
+        # Not scanned: a reduction over the new estimates would make XLA materialise them
+        # next to the state they replace (a T x P temporary, where a donated state is
+        # otherwise updated in place). Their finiteness is the weights' (see `tracked`).
+        checked = new_state._replace(**{weighting.tracked: None})
+    ok = jnp.logical_and(ok, all_finite((stats._replace(grads=None), weights, checked)))
     new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
     prev = state.weights
     if is_task_vector(weights):
@@ -169,7 +226,7 @@ def guarded_weigh(
             weights,
             is_leaf=lambda x: x is None,
         )
-    return weights, new_state
+    return weights, new_state, ok
 
 
 def tree_none_outside(mask: PyTree, tree: PyTree) -> PyTree:

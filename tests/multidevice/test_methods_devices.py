@@ -3,7 +3,9 @@
 The model is a tiny two-layer network with a shared trunk and one head row per task;
 per-device gradients come from the per-example loss on the device's slice of the batch,
 so the mean of the per-device (local-mean) gradients is the global-batch gradient. The
-reference is the same method on one device, on the concatenated batch.
+reference is the same method on one device, on the concatenated batch. A two-batch method
+(``Method.two_batches``) gets a second, different batch (``second_batch``), sliced over
+the devices the same way.
 """
 
 from __future__ import annotations
@@ -59,10 +61,23 @@ def make_tx(method: Method, **kw) -> optax.GradientTransformationExtraArgs:
     return method.make(T, shared=SHARED, **kw)
 
 
+def second_batch(x, y):
+    """A second batch, elementwise from the first: each device's slice of it is the slice
+    of the global second batch."""
+    return 0.5 * x[..., ::-1] + 0.1, 0.9 * y - 0.2
+
+
+def local_extra(method, params, x, y, losses):
+    """``update``'s keyword arguments: the losses, and a two-batch method's second batch."""
+    extra = {"task_losses": losses} if method.needs_losses else {}
+    if method.two_batches:
+        extra["task_grads2"] = jax.jacrev(task_losses)(params, *second_batch(x, y))
+    return extra
+
+
 def local_step(tx, method, params, state, x, y, axis_name=None):
     losses, grads = ob.value_and_task_grads(task_losses)(params, x, y)
-    extra = {"task_losses": losses} if method.needs_losses else {}
-    upd, state = tx.update(grads, state, params, **extra)
+    upd, state = tx.update(grads, state, params, **local_extra(method, params, x, y, losses))
     return upd, state
 
 
@@ -166,9 +181,10 @@ def test_shard_map_exact_equals_one_device(method):
 @pytest.mark.parametrize("method", PARAMS)
 def test_shard_map_stats_identical_on_every_device(method):
     if "grads" in make_tx(method).weighting.needs:
-        # GradDrop, TrimmedMean, ExcessMTL: the stacked gradients are what they read, which a
-        # statistics-only sync does not average; the core refuses it at construction.
-        with pytest.raises(ValueError, match="sync='stats' does not average"):
+        # GradDrop, TrimmedMean, ExcessMTL, and the methods with tracked estimates: the
+        # stacked gradients are what they read, which a statistics-only sync does not
+        # average; the core refuses it at construction.
+        with pytest.raises(ValueError, match="sync='stats'|use sync='grads'"):
             make_tx(method, axis_name="data", sync="stats")
         return
     runs = _run_shard_map(method, "stats")
@@ -198,9 +214,11 @@ def test_sharded_jit_2x4_equals_unsharded(method):
     xs = jax.device_put(x, NamedSharding(mesh, P("data")))
     ys = jax.device_put(y, NamedSharding(mesh, P("data")))
     replicated = NamedSharding(mesh, P())
+    # Eager init: gradient-sized state (MoCo's estimates) is placed like the params; under
+    # jit with Auto axes any optax state comes out on one device (as adam's moments do).
     state = jax.tree.map(
         lambda a: a if isinstance(a.sharding, NamedSharding) else jax.device_put(a, replicated),
-        jax.jit(tx.init)(params),
+        tx.init(params),
     )
     state_in = state
 
@@ -269,11 +287,15 @@ def test_explicit_sharding_update(method):
     tx = make_tx(method)
     params, x, y = _data()
     losses, grads = jax.jit(ob.value_and_task_grads(task_losses))(params, x, y)
-    extra = {"task_losses": losses} if method.needs_losses else {}
+    extra = local_extra(method, params, x, y, losses)
     specs = {"trunk": P(None, "x"), "bias": P("x"), "heads": P(None, "x")}
     with jax.set_mesh(mesh):
         params_s = {k: jax.device_put(v, specs[k]) for k, v in params.items()}
         grads_s = {k: jax.device_put(v, P(None, *specs[k])) for k, v in grads.items()}
+        if "task_grads2" in extra:
+            extra["task_grads2"] = {
+                k: jax.device_put(v, P(None, *specs[k])) for k, v in extra["task_grads2"].items()
+            }
         state0 = tx.init(params_s)
         upd, state1 = jax.jit(functools.partial(tx.update, **extra))(grads_s, state0, params_s)
         assert jax.tree.map(jax.typeof, upd) == jax.tree.map(jax.typeof, params_s)
