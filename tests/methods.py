@@ -451,6 +451,8 @@ METHODS += [
         "imtl",
         lambda t, **kw: ob.imtl(t, **kw),
         needs_losses=True,
+        # IMTL-G on the scaled gradients (scales e^s > 0): as imtl_g
+        non_conflicting=True,
         homogeneous=True,
         factory=ob.imtl,
         static=lambda t: {"num_tasks": t},
