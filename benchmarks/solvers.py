@@ -69,7 +69,7 @@ def cells(names: list[str], t: int, rounds: int) -> dict[str, dict[str, Any]]:
         m = next(x for x in METHODS if x.name == name)
         tx = m.make(t)
         state = tx.init(jax.tree.map(lambda g: g[0], grads))
-        upd = update_fn(tx)
+        upd = update_fn(tx, m)
         weighting = getattr(ob.weightings, m.factory)(**_weighting_kwargs(m, t))
         w_state = weighting.init(t)
         weigh = jax.jit(lambda g, s, w=weighting: w(g, s))
