@@ -154,6 +154,32 @@ class _Carry(NamedTuple):
     ref: Array  # the objective at the last face optimum (inf before the first)
 
 
+def _swap_in(
+    p: _Scaled, simplex: bool, y: Array, h: Array, free: Array, j: Array, ok: Array
+) -> tuple[Array, Array, Array, Array]:
+    """A degenerate pivot: bring in ``j``, whose column depends on the face (where ``ok``).
+
+    With ``u = A_F^{-1} a_j`` and a Schur complement at rounding level, ``delta = e_j -
+    u`` is (to rounding) a null direction of ``Q`` with ``e^T delta = 0``: moving along it
+    keeps the point ``J^T y`` and the constraint, and changes the objective at the rate
+    of ``j``'s (negative) reduced gradient. Step until a face coordinate reaches 0 (ratio
+    test), drop it, then add ``j`` to the smaller face. Without such a step (no ``u_i >
+    0``) nothing changes. Returns ``(y, H, free, added)``.
+    """
+    u, _, _ = _schur(p, h, free, j)
+    pos = free & (u > 0) & ok
+    ratios = jnp.where(pos, y / jnp.where(pos, u, 1.0), jnp.inf)
+    out = jnp.argmin(ratios)
+    can = ok & jnp.isfinite(ratios[out])
+    step = jnp.where(can, ratios[out], 0.0)
+    moved = jnp.maximum(jnp.where(free, y - step * u, y).at[j].add(step), 0.0).at[out].set(0.0)
+    if simplex:
+        moved = moved * (p.rho / jnp.sum(p.e * moved))
+    h, free = _drop(p, h, free, out, can)
+    h, free, added = _add(p, h, free, j, can)
+    return jnp.where(can, moved, y), h, free, added
+
+
 def _iteration(p: _Scaled, simplex: bool, c: _Carry) -> _Carry:
     """One active-set iteration: a face solve, then a drop (ratio test) or an add."""
     eps = jnp.finfo(p.a.dtype).eps
@@ -191,7 +217,8 @@ def _iteration(p: _Scaled, simplex: bool, c: _Carry) -> _Carry:
     optimal = feasible & (~jnp.isfinite(cand[j]) | stalled)
     enter = feasible & ~optimal
     h, free, added = _add(p, h, free, j, enter)
-    blocked = blocked.at[j].set(blocked[j] | (enter & ~added))  # dependent: skip it
+    y, h, free, added = _swap_in(p, simplex, y, h, free, j, enter & ~added)
+    blocked = blocked.at[j].set(blocked[j] | (enter & ~added))  # could not enter: skip it
     last = jnp.where(added, j, -1).astype(c.last.dtype)
     ref = jnp.where(feasible, obj, c.ref)
     new = _Carry(y, h, free, c.it + 1, optimal, blocked, last, ref)
