@@ -20,8 +20,10 @@ leaves (deflation): one rank-one update of a ``T x T`` array. Every face solve i
 by one step of iterative refinement against ``A`` itself, so the error of the updated
 inverse does not accumulate into the solution. A coordinate whose Schur complement is at
 the rounding level (it depends on the face: a duplicate gradient, or one in the affine
-hull of the face) is not added, which replaces the eigenvalue cut-off of a pseudo-inverse:
-a singular ``Q`` is fine. ``Q`` is first scaled to a unit diagonal (``z = D y``), so tasks
+hull of the face) is not bordered in; it enters by a degenerate pivot instead (a step
+along the null direction it makes with the face, until a face coordinate reaches 0 and
+leaves), which replaces the eigenvalue cut-off of a pseudo-inverse: a singular ``Q`` is
+fine. ``Q`` is first scaled to a unit diagonal (``z = D y``), so tasks
 whose gradients differ by orders of magnitude are resolved to their own scale.
 
 Why one solver serves MGDA, UPGrad, DualProj and CAGrad: all four are this QP on a
