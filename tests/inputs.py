@@ -213,6 +213,27 @@ def hostile_results(name: str, fresh: bool) -> dict[str, tuple[PyTree, Any, Any]
     return {c: (_unbatch(outs, i), _unbatch(states, i), state) for i, c in enumerate(CASE_NAMES)}
 
 
+def trees_close(a: PyTree, b: PyTree) -> bool:
+    """Integers, booleans and keys exactly equal, floats to a few ulps (``rtol=1e-6``).
+
+    For the same float32 ops on the same inputs at two rows of one vmapped program: XLA
+    may vectorise one row's elements and compute the other's in a scalar tail.
+    """
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    if jax.tree.structure(a) != jax.tree.structure(b):
+        return False
+    for x, y in zip(la, lb):
+        if jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        x, y = np.asarray(x), np.asarray(y)
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            if not np.array_equal(x, y):
+                return False
+        elif x.shape != y.shape or not np.allclose(x, y, rtol=1e-6, atol=0, equal_nan=True):
+            return False
+    return True
+
+
 def combination(weights: Any, j: np.ndarray) -> np.ndarray:
     """``sum_i w_i J_i`` in float64."""
     return np.asarray(weights, np.float64) @ np.asarray(j, np.float64)

@@ -244,6 +244,9 @@ METHODS: list[Method] = [
     Method(
         "imtl_g",
         lambda t, **kw: ob.imtl_g(num_tasks=t, **kw),
+        # equal positive projections on every unit gradient, or d = 0 when no non-zero
+        # direction has them (rank-deficient J, issue 13)
+        non_conflicting=True,
         homogeneous=True,
         factory=ob.imtl_g,
         static=lambda t: {"num_tasks": t},
@@ -448,6 +451,8 @@ METHODS += [
         "imtl",
         lambda t, **kw: ob.imtl(t, **kw),
         needs_losses=True,
+        # IMTL-G on the scaled gradients (scales e^s > 0): as imtl_g
+        non_conflicting=True,
         homogeneous=True,
         factory=ob.imtl,
         static=lambda t: {"num_tasks": t},

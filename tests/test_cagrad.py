@@ -118,6 +118,54 @@ def test_pareto_stationary_gives_zero():
     assert np.all(np.isfinite(np.asarray(d)))
 
 
+# Issue 13: torchjd's aggregation tests found d != 0 here in float32 (||d|| = 0.031 on
+# this matrix for c = 1 and c = 2; the dual solve stopped on a rounding-level g_w).
+J_WEAK_4x2 = np.array(
+    [
+        [0.5198884, -0.97416335],
+        [-0.5076417, 0.9512155],
+        [-0.11951534, 0.22394702],
+        [-0.11093263, -0.05920218],
+    ]
+)
+
+
+def strictly_weak_stationary(rng, m, n, rank):
+    """A random m x n matrix with a non-negative v != 0, v^T J = 0, and no positive one.
+
+    The construction of torchjd's ``StrictlyWeakSampler``
+    (tests/unit/aggregation/_matrix_samplers.py at 862baed), in NumPy: two orthogonal
+    non-negative unit vectors v, v' on complementary supports, J built from an orthonormal
+    complement of v (so v^T J = 0) whose first column is v'.
+    """
+    a = np.abs(rng.standard_normal(m))
+    perm = rng.permutation(m)
+    split = rng.integers(1, m)
+    v, v2 = np.zeros(m), np.zeros(m)
+    v[perm[:split]] = a[perm[:split]] / np.linalg.norm(a[perm[:split]])
+    v2[perm[split:]] = a[perm[split:]] / np.linalg.norm(a[perm[split:]])
+    q, _ = np.linalg.qr(np.column_stack([v, v2, rng.standard_normal((m, m - 2))]))
+    basis = np.column_stack([v2, q[:, 2:]])  # orthonormal, orthogonal to v
+    vt = np.linalg.qr(rng.standard_normal((n, n)))[0].T
+    j = basis[:, :rank] @ np.diag(np.abs(rng.standard_normal(rank))) @ vt[:rank]
+    assert np.abs(v @ j).max() < 1e-12
+    return j
+
+
+@pytest.mark.parametrize("c", [1.0, 2.0])
+def test_weakly_stationary_gives_exactly_zero_in_float32(c):
+    # With 0 in the hull of the gradients and c >= 1, the dual's minimiser is g_w = 0 and
+    # CAGrad's direction is exactly 0 (torchjd returns 0; before the fix, 0.031 here and
+    # ||d|| / ||g0|| up to 1.5 (c=1) and 2.6 (c=2) on the 20 x 10 rank-10 matrices).
+    rng = np.random.default_rng(13)
+    jacs = [J_WEAK_4x2] + [strictly_weak_stationary(rng, 20, 10, 10) for _ in range(6)]
+    weigh = jax.jit(ob.weightings.cagrad(c=c, rescale=False))
+    for jac in jacs:
+        j32 = np.asarray(jac, np.float32)
+        w, _ = weigh(jnp.asarray(j32 @ j32.T))
+        np.testing.assert_array_equal(np.asarray(w), 0.0)
+
+
 def test_permutation_invariance():
     checks.assert_permutation_invariant(make, ref.random_jacobian(np.random.default_rng(5), 6, 8))
 

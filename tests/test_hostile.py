@@ -123,10 +123,10 @@ def test_nonfinite_loss(m, case, fresh):
         assert I.trees_equal(new_state, state_in), "the state must keep its previous values"
         want = I.combination(state_in.weights, j)
         np.testing.assert_allclose(I.flat(out), want, rtol=1e-5, atol=1e-7)
-    else:  # the losses are ignored: the step is the ordinary one
+    else:  # the losses are ignored: the step is the ordinary one (two rows of one vmap)
         clean_out, clean_state, _ = res["generic"]
-        assert I.trees_equal(new_state, clean_state)
-        assert I.trees_equal(out, clean_out)
+        assert I.trees_close(new_state, clean_state)
+        assert I.trees_close(out, clean_out)
 
 
 # ----------------------------------------------------------------------------------------

@@ -11,11 +11,13 @@ import optax
 from optax_balance import _core
 from optax_balance._solvers import _qp
 
-# Below this norm of g_w (Gramian normalised to unit trace) the point is taken as
-# Pareto-stationary and the weights are zero, as torchjd does with its norm_eps.
+# The dual point counts as stationary (weights 0, as torchjd does below its norm_eps of
+# 1e-4) when ||g_w|| is below _STATIONARY_EPS or below _NOISE times the rounding level
+# of a norm computed from the Gramian, sqrt(T eps max_i G_ii) (unit trace): a float32
+# Gramian resolves ||g_w||^2 only to about T eps, and hulls that contain 0 give a
+# computed ||g_w|| up to 1.8 times that level (torchjd's stationary samplers, T <= 64).
 _STATIONARY_EPS = 1e-4
-# Bracket of the multiplier, relative to 1/r (see _solve_dual).
-_LAMBDA_MIN = 1e-6
+_NOISE = 4.0
 _MAX_ROOT_ITERS = 60
 
 
@@ -38,51 +40,57 @@ class CAGradState(NamedTuple):
 class _Dual(NamedTuple):
     w: jax.Array  # (T,) the dual minimiser on the simplex
     gw_norm: jax.Array  # ||J^T w|| (normalised Gramian)
+    stationary: jax.Array  # bool: ||J^T w|| is zero to working precision
     iterations: jax.Array
     root_iterations: jax.Array
 
 
-def _support_affine(gram: jax.Array, b: jax.Array, free: jax.Array):
-    """On the face ``free``: ``w(lam) = w0 + lam v`` minimises ``w^T G w / 2 + lam b^T w``."""
-    t = gram.shape[0]
-    f = free.astype(gram.dtype)
-    k = jnp.zeros((t + 1, t + 1), gram.dtype)
-    k = k.at[:t, :t].set(gram * f[:, None] * f[None, :] + jnp.diag(1.0 - f))
-    k = k.at[:t, t].set(f).at[t, :t].set(f)
-    e = jnp.zeros((t + 1,), gram.dtype)
-    w0 = _qp.sym_solve(k, e.at[t].set(1.0))[:t] * f
-    v = _qp.sym_solve(k, e.at[:t].set(-b * f))[:t] * f
-    return w0, v
+def stationarity_floor(gram: jax.Array) -> jax.Array:
+    """The norm of ``g_w`` below which it counts as zero (``gram``: unit trace)."""
+    noise = jnp.finfo(gram.dtype).eps * gram.shape[0] * jnp.max(jnp.diagonal(gram))
+    return jnp.maximum(_STATIONARY_EPS, _NOISE * jnp.sqrt(jnp.maximum(noise, 0.0)))
 
 
 def _solve_dual(gram: jax.Array, r: jax.Array, u: jax.Array) -> _Dual:
     r"""``argmin_{w in simplex} b^T w + r ||J^T w||`` with ``b = G u`` (``G``: unit trace).
 
-    For a multiplier :math:`\lambda > 0`, let :math:`w(\lambda)` minimise
-    :math:`\|J^\top w + \lambda g_0\|^2` over the simplex, i.e. the QP
-    :math:`\min_w \frac12 w^\top G w + \lambda b^\top w` (solved by
-    :func:`optax_balance._qp.simplex_qp`). Its KKT conditions are those of the CAGrad dual exactly
-    when :math:`\|J^\top w(\lambda)\| = r \lambda`, and
-    :math:`\|J^\top w(\lambda)\| / \lambda` is non-increasing, so the root is found on
-    a bracket: each step either jumps to the root of the quadratic
-    :math:`\|J^\top (w_0 + \lambda v)\|^2 = r^2 \lambda^2` on the current support (exact
-    once the support is right) or, if that leaves the bracket, bisects in
+    In :math:`x = g_w` this is :math:`\min_{x \in H} g_0 \cdot x + r\|x\|` over the convex
+    hull :math:`H` of the gradients. For a multiplier :math:`\lambda > 0`, let
+    :math:`w(\lambda)` minimise :math:`\|J^\top w + \lambda g_0\|^2` over the simplex, the
+    QP :math:`\min_w \frac12 w^\top G w + \lambda b^\top w` (:func:`_qp.simplex_qp`). Its
+    KKT conditions are those of the CAGrad dual exactly when
+    :math:`\|J^\top w(\lambda)\| = r \lambda`, and :math:`\|J^\top w(\lambda)\| / \lambda` is
+    non-increasing, so the root is found on a bracket: each step jumps to the root of the
+    quadratic :math:`\|J^\top (w_0 + \lambda v)\|^2 = r^2 \lambda^2` on the current face
+    (exact once the face is right) or, if that leaves the bracket, bisects in
     :math:`\log\lambda`.
+
+    Stationary points. If :math:`0 \in H` and :math:`c \ge 1`, then
+    :math:`g_0 \cdot x + r\|x\| \ge (r - \|g_0\|)\|x\| \ge 0` on :math:`H`: the minimiser is
+    :math:`x = 0` (at :math:`c = 1` also :math:`x = -t g_0`, with the same :math:`d = 0`).
+    The first QP (:math:`\lambda = 0`: the minimum-norm point of :math:`H`) decides it, a
+    norm below :func:`stationarity_floor` counting as 0. Otherwise the bracket starts at
+    :math:`\lambda_0 = \mathrm{floor} / r`: a root below it has :math:`\|g_w\|` under the
+    floor, a stationary point for any :math:`c`. (Bisecting towards 0 instead compares
+    norms below float32's resolution, and stopped on a rounding-level :math:`g_w` whose
+    direction is noise: the bug of issue 13.)
     """
     b = gram @ u
     dtype = gram.dtype
     max_iters = _qp.default_max_iters(gram.shape[0])
+    floor = stationarity_floor(gram)
     hi0 = 1.0 / r  # ||J^T w|| <= 1 on a unit-trace Gramian, so psi(hi0) <= 0
-    lo0 = _LAMBDA_MIN / r
+    lo0 = floor / r
     tol = 1e-5 if dtype == jnp.float32 else 1e-10
 
     def evaluate(lam):
         sol = _qp.simplex_qp(gram, lam * b, max_iters=max_iters)
-        n = jnp.sqrt(jnp.maximum(sol.z @ gram @ sol.z, 0.0))
-        return sol.z, n, sol.iterations
+        return sol, jnp.sqrt(jnp.maximum(sol.z @ gram @ sol.z, 0.0))
 
-    def next_lambda(w, lam, lo, hi):
-        w0, v = _support_affine(gram, b, w > 0)
+    def next_lambda(sol, lam, lo, hi):
+        # On the face of sol, w(lam) = w0 + lam v; solve ||J^T w(lam)||^2 = r^2 lam^2.
+        w0 = _qp.face_point(gram, jnp.zeros_like(b), sol)
+        v = _qp.face_point(gram, b, sol) - w0
         a = w0 @ gram @ w0
         bb = w0 @ gram @ v
         a2 = v @ gram @ v - r**2
@@ -94,42 +102,50 @@ def _solve_dual(gram: jax.Array, r: jax.Array, u: jax.Array) -> _Dual:
         inside = jnp.isfinite(root) & (root > lo) & (root < hi) & (root != lam)
         return jnp.where(inside, root, jnp.sqrt(lo * hi))
 
+    sol0, n0 = evaluate(jnp.zeros((), dtype))  # the minimum-norm point of H
+    in_hull = n0 <= floor
+    # 0 in H and c >= 1 (r^2 = c^2 u^T G u, up to the rounding of the square root).
+    stationary0 = in_hull & (r * r >= (1.0 - 8.0 * jnp.finfo(dtype).eps) * (u @ b))
+
     def cond(c):
         return (c["k"] < _MAX_ROOT_ITERS) & ~c["done"]
 
     def body(c):
-        w, n, its = evaluate(c["lam"])
+        sol, n = evaluate(c["lam"])
         psi = n - r * c["lam"]
-        done = jnp.abs(psi) <= tol * (n + r * c["lam"]) + 1e-12
+        done = jnp.abs(psi) <= tol * (n + r * c["lam"])
         lo = jnp.where(psi > 0, c["lam"], c["lo"])
         hi = jnp.where(psi > 0, c["hi"], c["lam"])
-        # Stationary point: the root lies below lo0, so ||J^T w|| <= r lo0 is negligible.
-        done = done | (hi <= lo0 * (1.0 + 1e-6))
-        lam = next_lambda(w, c["lam"], lo, hi)
+        stationary = hi <= lo0  # the root is below the floor
+        done = done | stationary
+        lam = next_lambda(sol, c["lam"], lo, hi)
         return dict(
             lam=jnp.where(done, c["lam"], lam),
             lo=lo,
             hi=hi,
-            w=w,
+            w=sol.z,
             n=n,
             k=c["k"] + 1,
-            its=c["its"] + its,
+            its=c["its"] + sol.iterations,
             done=done,
+            stationary=stationary,
         )
 
-    start = 0.5 * hi0  # the root is ||g_w|| / r with ||g_w|| in (0, 1]
+    # With 0 in the hull, start at the floor: one step tells a root below it.
     init = dict(
-        lam=jnp.asarray(start, dtype),
+        lam=jnp.where(in_hull, lo0, 0.5 * hi0).astype(dtype),
         lo=jnp.asarray(lo0, dtype),
         hi=jnp.asarray(hi0, dtype),
-        w=u,
-        n=jnp.zeros((), dtype),
+        w=sol0.z,
+        n=n0,
         k=jnp.array(0, jnp.int32),
-        its=jnp.array(0, jnp.int32),
-        done=jnp.array(False),
+        its=sol0.iterations,
+        done=stationary0,
+        stationary=stationary0,
     )
     out = jax.lax.while_loop(cond, body, init)
-    return _Dual(out["w"], out["n"], out["its"], out["k"])
+    stationary = out["stationary"] | (out["n"] < floor)
+    return _Dual(out["w"], out["n"], stationary, out["its"], out["k"])
 
 
 def cagrad_weighting(
@@ -181,7 +197,7 @@ def cagrad_weighting(
         r = c * jnp.sqrt(jnp.maximum(u @ gram @ u, 0.0))
         active = r > 1e-6  # otherwise d = g0 (also the zero Jacobian)
         dual = _solve_dual(gram, jnp.where(active, r, 1.0), u)
-        stationary = dual.gw_norm < _STATIONARY_EPS
+        stationary = dual.stationary
         scale = r / jnp.where(stationary, 1.0, dual.gw_norm)
         w = jnp.where(stationary, jnp.zeros_like(u), u + scale * dual.w)
         w = jnp.where(active, w, u)

@@ -16,8 +16,8 @@ class IMTLGState(NamedTuple):
 
     Attributes:
       weights: ``(T,)`` the weights ``alpha`` applied in the last update (they sum to 1;
-        -1 in the rare case described in :func:`imtl_g`; all 0 when no combination
-        with equal positive projections exists).
+        -1 in the rare case described in :func:`imtl_g`; all 0 when no non-zero
+        combination has equal positive projections, e.g. rank-deficient gradients).
       rank: the numerical rank of the gradients' cosine matrix in the last update.
     """
 
@@ -39,7 +39,9 @@ def imtl_g_weights(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
     (NumPy's and JAX's default ``pinv`` cut-off). Since :math:`1^\top C^+ 1 \ge 0`, with
     equality exactly when no combination has a positive projection on any task (e.g. a
     pair of opposite gradients), the weights are 0 when it is below :math:`\sqrt{eps}`
-    or when the normaliser cancels to rounding level.
+    or when the normaliser cancels to rounding level, and also when :math:`1` is not in the
+    range of :math:`C` (no non-zero combination has equal projections; see
+    :func:`optax_balance.imtl_g`).
 
     Returns:
       ``(weights, rank)``: rank is the numerical rank of :math:`C`.
@@ -54,10 +56,15 @@ def imtl_g_weights(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
     lam, vecs = jnp.linalg.eigh(cos)
     keep = lam > 10.0 * t * eps * jnp.max(lam)
     inv = jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)
-    beta = vecs @ (inv * (vecs.T @ pos.astype(dt)))
+    coef = vecs.T @ pos.astype(dt)
+    beta = vecs @ (inv * coef)
     v = beta * inv_n
     total = jnp.sum(v)
-    ok = (jnp.sum(beta) > jnp.sqrt(eps)) & (jnp.abs(total) > eps * jnp.sum(jnp.abs(v)))
+    # The conditions C beta = 1 have a solution exactly when 1 has no component along the
+    # (numerically) null eigenvectors; otherwise the only equal projection is 0.
+    consistent = jnp.sum(jnp.where(keep, 0.0, coef**2)) <= t * jnp.sqrt(eps)
+    ok = consistent & (jnp.sum(beta) > jnp.sqrt(eps))
+    ok = ok & (jnp.abs(total) > eps * jnp.sum(jnp.abs(v)))
     # |total|: the common projection d . u_i = 1/total must be positive (see imtl_g).
     w = jnp.where(ok, v / jnp.where(ok, jnp.abs(total), 1.0), 0.0)
     return w.astype(dt), jnp.sum(keep).astype(jnp.int32)
@@ -129,17 +136,36 @@ def imtl_g(
       d = \sum_i \alpha_i g_i = \frac{\sum_i \beta_i u_i}{|1^\top N^{-1}\beta|} ,
 
     which is the paper's solution when the gradients are linearly independent
-    (:math:`N^{-1} C^{-1} 1 = G^{-1} n`), stays accurate in float32 when norms differ by
-    1e20 (:math:`C` has a unit diagonal), and extends the method to rank-deficient
-    Gramians with the pseudo-inverse (torchjd uses :math:`G^{+} n`; the two agree for
-    independent gradients and may split weight differently among collinear gradients
-    of different norms): duplicate gradients share their weight equally, a zero
-    gradient gets weight 0, and a pair of exactly opposite gradients (whose only
-    equal-projection combination is :math:`d = 0`) gives all-zero weights. When no
-    combination has equal projections (an opposite pair among other tasks) the
-    pseudo-inverse gives the least-squares solution: :math:`d` is orthogonal to the
-    opposite pair and helps the other tasks. Nothing is iterative: one ``eigh`` of a
+    (:math:`N^{-1} C^{-1} 1 = G^{-1} n`) and stays accurate in float32 when norms differ
+    by 1e20 (:math:`C` has a unit diagonal). Nothing is iterative: one ``eigh`` of a
     :math:`T \times T` matrix.
+
+    Rank-deficient gradients. The paper defines IMTL-G by its conditions (equal
+    projections on the unit gradients :math:`u_i`, :math:`\sum_i \alpha_i = 1`); we keep
+    them. When some :math:`d \ne 0` meets them (:math:`1` in the range of :math:`C`:
+    duplicate or collinear gradients), :math:`\beta = C^{+}1` gives it, the least-norm
+    :math:`\beta` (duplicates share their weight equally, a zero gradient gets weight 0).
+    When none does (three gradients in a plane, an opposite pair), the only equal
+    projection is 0: the paper's closed form, where :math:`D U^\top` is invertible,
+    returns weights summing to 1 whose combination is :math:`d = 0`, and this is also the
+    limit of the full-rank solution as :math:`J` becomes singular. We return
+    :math:`\alpha = 0` (so :math:`d` is exactly 0, not the rounding left by a cancelling
+    combination). torchjd instead takes :math:`\alpha \propto G^{+} n`, the
+    least-squares solution of :math:`J d = n`, i.e. of :math:`u_i \cdot d = 1` with each
+    task's equation weighted by :math:`\|g_i\|^2`: a direction that favours the larger
+    gradients. Worked example, :math:`J = [[2, 0], [0, 1], [1, 1]]`: equal projections
+    on :math:`(1, 0)`, :math:`(0, 1)`, :math:`(1, 1)/\sqrt2` force :math:`d_1 = d_2 = c`
+    and :math:`\sqrt2 c = c`, so :math:`c = 0`; the paper's formula gives
+    :math:`\alpha = (1, 2, -2)`, :math:`d = 0`; we give :math:`\alpha = 0`, :math:`d =
+    0`; torchjd gives :math:`\alpha = (0.2535, 0.3099, 0.4366)`, :math:`d = (0.9436,
+    0.7465)` with projections :math:`(0.944, 0.746, 1.195)`. On consistent rank-deficient
+    :math:`J` the two directions agree, but for collinear gradients of different norms
+    the scale differs (:math:`J = [[1, 0], [2, 0], [0, 1]]`: :math:`d = (0.5714, 0.5714)`
+    here, :math:`(0.625, 0.625)` in torchjd; the sum-to-one normalisation depends on how
+    the weight is split in the null space of :math:`G`). Numerically, :math:`1` counts as
+    outside the range of :math:`C` when its component along the eigenvectors dropped by
+    the pseudo-inverse has a mean square above :math:`\sqrt{eps}` (rounding leaves about
+    :math:`T \cdot eps`).
 
     Scaling and sign. The weights sum to 1, as in the paper, LibMTL and torchjd, so
     :math:`d` is on the scale of the *mean* gradient, not the sum (multiply the learning
@@ -173,6 +199,13 @@ def imtl_g(
       Array([0.0767, 1.    , 1.    ], dtype=float32)
       >>> state.weights.round(4)
       Array([0.5923, 0.4077], dtype=float32)
+
+      Three gradients in a plane: no non-zero direction has equal projections.
+
+      >>> J = jnp.array([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+      >>> d, state = tx.update(J, tx.init(jnp.zeros(2)))
+      >>> d
+      Array([0., 0.], dtype=float32)
 
     References:
       Liu et al., `Towards Impartial Multi-task Learning

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_balance import _core
-from optax_balance._solvers._simplex import min_norm_simplex
+from optax_balance._solvers._qp import min_norm_simplex
 
 NormType = Literal["none", "l2", "loss", "loss+"]
 _NORM_TYPES = ("none", "l2", "loss", "loss+")
@@ -89,7 +89,7 @@ def mgda_weighting(
         s = normalisation_scales(norm_type, stats.sq_norms, stats.losses)
         g = stats.gram * s[:, None] * s[None, :]
         sol = min_norm_simplex(g, epsilon=epsilon, max_iters=max_iters)
-        w = sol.weights.astype(_core.stat_dtype())
+        w = sol.z.astype(_core.stat_dtype())
         return w, MGDAState(weights=w, iterations=sol.iterations)
 
     return _core.Weighting(
