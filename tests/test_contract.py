@@ -299,7 +299,7 @@ def test_dtype_in_dtype_out_statistics_in_f32(m, dt):
 # not once per worker.
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # module scope re-ran it when xdist interleaved modules
 def x64_report():
     env = {**os.environ, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"}
     root = Path(__file__).resolve().parent.parent

@@ -1,7 +1,6 @@
-"""The registered methods on 8 devices: shard_map, sharded jit, a 2x4 data x model mesh.
+"""Registered methods on 8 devices: shard_map, sharded jit, a 2x4 data x model mesh.
 
-Every method runs the exact shard_map test; the other layouts run one method per path
-through the core (``PATHS``).
+One method per path through the core's device sync (``PATHS``).
 
 The model is a tiny two-layer network with a shared trunk and one head row per task;
 per-device gradients come from the per-example loss on the device's slice of the batch,
@@ -39,22 +38,19 @@ RTOL = 1e-5
 # All tests of one method in one xdist worker, so its reference is compiled once.
 PARAMS = [pytest.param(m, id=m.name, marks=pytest.mark.xdist_group(m.name)) for m in METHODS]
 
-# Every method runs the exact shard_map test (the per-device weights and state equal the
-# one-device run's). The other device layouts exercise the core's sync, which depends on
-# what a method reads and keeps, not on its weighting's arithmetic: they run on one method
-# per path through the core (8-device compiles are the suite's slowest; ~40 methods x 5
-# layouts would take most of `make test`'s budget).
+# The device layouts exercise the core's sync, which depends on what a method reads and
+# keeps, not on its weighting's arithmetic (computed from the synced statistics, the same
+# on every device): they run on one method per path through the core. (8-device compiles
+# are the suite's slowest: ~40 methods x 5 layouts took most of `make test`'s budget.)
 PATHS = {
     "mgda_loss+": "Gramian and losses, an iterative solver",
-    "upgrad": "Gramian, T vmapped QPs",
     "balancer": "per-task squared norms, EMA state",
     "gradnorm": "norms and losses, an inner optimizer's state, norm_mask",
     "metabalance": "per-leaf squared norms, per-leaf weights",
     "gradvac_per_leaf": "per-leaf Gramians",
     "pcgrad": "a PRNG key in the state",
     "graddrop": "the stacked gradients, per-coordinate weights",
-    "moco": "gradient-sized tracked estimates in the state",
-    "db_mtl": "tracked estimates and head scales",
+    "db_mtl": "gradient-sized tracked estimates in the state, head scales",
     "sdmgrad": "a second batch, the cross-Gramian",
     "famo": "losses only, extra per-task keywords",
 }
@@ -193,7 +189,7 @@ def _run_shard_map(method: Method, sync: str):
     return out
 
 
-@pytest.mark.parametrize("method", PARAMS)
+@pytest.mark.parametrize("method", PATH_PARAMS)
 def test_shard_map_exact_equals_one_device(method):
     ref = reference(method.name)
     for k, (params_d, upd_d, state_d) in enumerate(_run_shard_map(method, "grads")):

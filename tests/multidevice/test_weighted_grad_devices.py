@@ -42,7 +42,7 @@ def _eligible(m) -> bool:
 # One method per statistic the one-pass path builds on devices (the Gramian from JVPs with
 # and without losses, squared norms with and without losses, the losses alone): the device
 # sync of ``value_and_weighted_grad`` depends on those, not on a weighting's arithmetic.
-_PATHS = ("mgda_loss+", "upgrad", "pcgrad", "balancer", "gradnorm", "famo", "uw")
+_PATHS = ("mgda_loss+", "pcgrad", "balancer", "gradnorm", "famo")
 ELIGIBLE = [m for m in METHODS if _eligible(m) and m.name in _PATHS]
 assert len(ELIGIBLE) == len(_PATHS), "tests/methods.py renamed a method _PATHS lists"
 # The same xdist groups as test_methods_devices, so each method's reference is built once.
@@ -86,7 +86,7 @@ def test_exact_mode_equals_one_device_global_batch(method):
         _close(state0, ref[k][1], f"{method.name} state, step {k}")
 
 
-@pytest.mark.parametrize("method", [p for p in PARAMS if p.id in ("upgrad", "gradnorm", "pcgrad")])
+@pytest.mark.parametrize("method", [p for p in PARAMS if p.id in ("mgda_loss+", "gradnorm")])
 def test_stats_mode_equals_stacked_stats_mode(method):
     """Mean of local Gramians (norms): identical everywhere, as ``update(sync="stats")``."""
     ours = _run_ours(make_tx(method, axis_name="data", sync="stats"), "stats")
