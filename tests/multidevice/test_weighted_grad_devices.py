@@ -97,12 +97,12 @@ def test_stats_mode_equals_stacked_stats_mode(method):
         _close(s_o, s_s, f"{method.name} stats-mode state, step {k}")
 
 
-@pytest.mark.xdist_group("upgrad")
+@pytest.mark.xdist_group("mgda_loss+")
 def test_replicated_params_model_axis_and_sharded_jit():
     """shard_map manual over "data" with replicated params (pcast inside) sharded over
     "model"; and plain jit over a 2x4 mesh with no axis name."""
-    method = next(m for m in ELIGIBLE if m.name == "upgrad")
-    ref = reference("upgrad")
+    method = next(m for m in ELIGIBLE if m.name == "mgda_loss+")
+    ref = reference("mgda_loss+")
     mesh = _mesh((2, 4), ("data", "model"), AxisType.Auto)
     params, x, y = _data()
     specs = {"trunk": P(None, "model"), "bias": P("model"), "heads": P(None, "model")}
@@ -138,9 +138,9 @@ def test_replicated_params_model_axis_and_sharded_jit():
         _, upd_plain, state_plain = jit_step(p_plain, state_plain)
         for a, e in zip(jax.tree.leaves(upd_plain), jax.tree.leaves(p_plain)):
             assert a.sharding.is_equivalent_to(e.sharding, a.ndim)
-        _close(upd, ref[k][0], f"upgrad update (replicated params), step {k}")
-        _close(state, ref[k][1], f"upgrad state (replicated params), step {k}")
-        _close(upd_plain, ref[k][0], f"upgrad update (sharded jit), step {k}")
-        _close(state_plain, ref[k][1], f"upgrad state (sharded jit), step {k}")
+        _close(upd, ref[k][0], f"mgda_loss+ update (replicated params), step {k}")
+        _close(state, ref[k][1], f"mgda_loss+ state (replicated params), step {k}")
+        _close(upd_plain, ref[k][0], f"mgda_loss+ update (sharded jit), step {k}")
+        _close(state_plain, ref[k][1], f"mgda_loss+ state (sharded jit), step {k}")
         params, p_plain = new_params, _sgd(p_plain, upd_plain)
     assert np.isfinite(np.asarray(state.weights)).all()
