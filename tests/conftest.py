@@ -8,6 +8,7 @@
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 collect_ignore = [] if os.environ.get("OPTAX_BALANCE_MULTIDEVICE") == "1" else ["multidevice"]
@@ -34,8 +35,6 @@ def pytest_collection_modifyitems(config, items):
     ``--dist loadgroup`` (``make test``) a method's tests run in one worker, which compiles
     them once instead of once per worker.
     """
-    import pytest
-
     for item in items:
         callspec = getattr(item, "callspec", None)
         if callspec is None or item.get_closest_marker("xdist_group") is not None:
@@ -44,3 +43,32 @@ def pytest_collection_modifyitems(config, items):
             if type(value).__name__ == "Method" and isinstance(getattr(value, "name", None), str):
                 item.add_marker(pytest.mark.xdist_group(value.name))
                 break
+
+
+# XLA:CPU maps a few memory regions per compiled program (about 3 per `jit` compile
+# here) and never unmaps them while the program is cached. A worker that compiles many
+# thousands of programs nears the kernel's per-process limit (vm.max_map_count, 65530 by
+# default), past which LLVM's code allocation fails with a segfault inside XLA's compile
+# (seen once, at 97% of a full run). Between test modules, a worker past this many
+# mappings drops JAX's caches (later tests recompile what they need).
+_MAX_MAPS = int(os.environ.get("OPTAX_BALANCE_TEST_MAX_MAPS", "20000"))
+
+
+def _memory_maps() -> int:
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux: no such limit to stay under
+        return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bounded_compiled_programs():
+    yield
+    if _memory_maps() > _MAX_MAPS:
+        import gc
+
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
