@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 import optax_balance as ob
+from benchmarks.mlp import mlp_losses, mlp_params
 
 TARGET = 1.05
 SHARED = {"trunk": True, "heads": False}
@@ -69,28 +70,6 @@ GRAD_METHODS: dict[str, tuple[str, Callable[[int], Any]]] = {
 # --------------------------------------------------------------------------------------
 # The model and the three kinds of step.
 # --------------------------------------------------------------------------------------
-
-
-def mlp_params(t: int, d_in: int, hidden: int, key: jax.Array) -> dict[str, Any]:
-    k = jax.random.split(key, 3)
-    return {
-        "trunk": {
-            "w1": jax.random.normal(k[0], (d_in, hidden)) / np.sqrt(d_in),
-            "b1": jnp.zeros(hidden),
-            "w2": jax.random.normal(k[1], (hidden, hidden)) / np.sqrt(hidden),
-            "b2": jnp.zeros(hidden),
-        },
-        "heads": {"w": jax.random.normal(k[2], (t, hidden)) / np.sqrt(hidden), "b": jnp.zeros(t)},
-    }
-
-
-def mlp_losses(params: dict[str, Any], x: jax.Array, y: jax.Array) -> jax.Array:
-    """(T,) mean squared errors, one per linear head."""
-    tr = params["trunk"]
-    h = jax.nn.relu(x @ tr["w1"] + tr["b1"])
-    h = jax.nn.relu(h @ tr["w2"] + tr["b2"])
-    pred = h @ params["heads"]["w"].T + params["heads"]["b"]  # (B, T)
-    return jnp.mean((pred - y) ** 2, axis=0)
 
 
 def plain_step() -> tuple[Callable[..., Any], optax.GradientTransformation]:

@@ -35,10 +35,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import optax_balance as ob
 from benchmarks import run as bench
+from benchmarks.mlp import mlp_losses, mlp_params
 
 QUICK = bench.QUICK
 D_IN, HIDDEN = (16, 64) if QUICK else (256, 1024)
@@ -53,27 +53,10 @@ METHODS: dict[str, Callable[[int], Any]] = {
 
 
 def init_params(key: jax.Array, num_tasks: int) -> dict[str, Any]:
-    k = jax.random.split(key, 3)
-    return {
-        "trunk": {
-            "w1": jax.random.normal(k[0], (D_IN, HIDDEN)) / np.sqrt(D_IN),
-            "b1": jnp.zeros(HIDDEN),
-            "w2": jax.random.normal(k[1], (HIDDEN, HIDDEN)) / np.sqrt(HIDDEN),
-            "b2": jnp.zeros(HIDDEN),
-        },
-        "heads": {
-            "w": jax.random.normal(k[2], (num_tasks, HIDDEN)) / np.sqrt(HIDDEN),
-            "b": jnp.zeros(num_tasks),
-        },
-    }
+    return mlp_params(num_tasks, D_IN, HIDDEN, key)
 
 
-def task_losses(params: dict[str, Any], x: jax.Array, y: jax.Array) -> jax.Array:
-    tr = params["trunk"]
-    h = jax.nn.relu(x @ tr["w1"] + tr["b1"])
-    h = jax.nn.relu(h @ tr["w2"] + tr["b2"])
-    pred = h @ params["heads"]["w"].T + params["heads"]["b"]  # (B, T)
-    return jnp.mean((pred - y) ** 2, axis=0)
+task_losses = mlp_losses
 
 
 def plain_step(params: Any, state: Any, x: jax.Array, y: jax.Array) -> Any:

@@ -47,8 +47,9 @@ import numpy as np
 import optax
 
 import optax_balance as ob
-from benchmarks import gram_kernels, loss_cost
+from benchmarks import gram_kernels, loss_cost, mlp
 from benchmarks.methods import BenchMethod, select
+from benchmarks.mlp import mlp_losses
 
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
 BACKEND = jax.default_backend()
@@ -513,24 +514,7 @@ D_IN, HIDDEN, BATCH = (16, 32, 16) if QUICK else (128, 512, 256)
 
 
 def mlp_params(t: int, key: jax.Array) -> dict[str, Any]:
-    k = jax.random.split(key, 4)
-    return {
-        "trunk": {
-            "w1": jax.random.normal(k[0], (D_IN, HIDDEN)) / np.sqrt(D_IN),
-            "b1": jnp.zeros(HIDDEN),
-            "w2": jax.random.normal(k[1], (HIDDEN, HIDDEN)) / np.sqrt(HIDDEN),
-            "b2": jnp.zeros(HIDDEN),
-        },
-        "heads": {"w": jax.random.normal(k[2], (t, HIDDEN)) / np.sqrt(HIDDEN), "b": jnp.zeros(t)},
-    }
-
-
-def mlp_losses(params: dict[str, Any], x: jax.Array, y: jax.Array) -> jax.Array:
-    tr = params["trunk"]
-    h = jax.nn.relu(x @ tr["w1"] + tr["b1"])
-    h = jax.nn.relu(h @ tr["w2"] + tr["b2"])
-    pred = h @ params["heads"]["w"].T + params["heads"]["b"]  # (B, T)
-    return jnp.mean((pred - y) ** 2, axis=0)
+    return mlp.mlp_params(t, D_IN, HIDDEN, key)
 
 
 SHARED = {"trunk": True, "heads": False}
