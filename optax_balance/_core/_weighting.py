@@ -97,6 +97,25 @@ class Weighting:
         :func:`optax_balance.weighted_loss`) that ``weigh`` reads, each an optional
         per-task ``(T,)`` vector validated, cast and averaged over devices like
         ``task_losses``, handed over in ``stats.extra`` (FAMO's ``losses_after``).
+
+    Examples:
+      Weights proportional to the inverse gradient norms, from the Gramian's diagonal:
+
+      >>> import jax.numpy as jnp, optax_balance as ob
+      >>> from typing import NamedTuple
+      >>> class InvNormState(NamedTuple):
+      ...     weights: jnp.ndarray
+      >>> def weigh(stats, state):
+      ...     w = 1.0 / jnp.sqrt(jnp.diagonal(stats.gram))
+      ...     return w, InvNormState(w)
+      >>> inv_norm = ob.Weighting(lambda t: InvNormState(jnp.zeros(t)), weigh, name="inv_norm")
+      >>> weights, _ = inv_norm(jnp.array([[4.0, 0.0], [0.0, 16.0]]))  # norms 2 and 4
+      >>> weights
+      Array([0.5 , 0.25], dtype=float32)
+      >>> tx = ob.balance(inv_norm, num_tasks=2)            # the optax transformation
+      >>> d, state = tx.update(jnp.array([[2.0, 0.0], [0.0, 4.0]]), tx.init(jnp.zeros(2)))
+      >>> d
+      Array([1., 1.], dtype=float32)
     """
 
     init: Callable[..., Any]
