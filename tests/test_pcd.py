@@ -173,9 +173,13 @@ def test_matches_torchjd_over_steps(t):
 
 def test_golden_values_from_torchjd():
     # The secondary task can only be served by moving against the primary one.
-    # (d~ = g1~ + 1.02 g2~ cancels to -0.02 g1~: ~50 eps of float32 relative error.)
+    # d~ = g1~ + 1.02 g2~ cancels to -0.02 g1~, and d is rescaled to ||g1|| by
+    # sqrt(||g1||^2 / w^T G~ w): that quadratic form sums terms of size 1 + 2.04 + 1.04
+    # to 0.0004, so its float32 rounding (a few eps per term) is amplified ~1e4 times:
+    # ~1e-3 relative on w^T G~ w, half that on d. (Seen: 7.6e-5 with XLA's classic
+    # emitters at -O0, < 1e-5 with its default code generation.)
     d, _ = checks.run(ob.pcd(tau=0.02), [[1.0, 0.0], [-3.0, 0.0]])
-    np.testing.assert_allclose(np.asarray(d), [-1.0, 0.0], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(d), [-1.0, 0.0], atol=1e-3)
     # Anti-parallel secondary gradients: infeasible, dropped, the primary gradient.
     j = np.array([[1.0, 1.0], [0.0, 1.0], [0.0, -2.0]])
     d, state = checks.run(ob.pcd(), j)

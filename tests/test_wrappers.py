@@ -89,9 +89,11 @@ def test_accumulate_equals_the_whole_batch_step(name):
         rnd = slice(r * K, (r + 1) * K)
         p_full, s_full = full_step(p_full, s_full, _X[rnd], _Y[rnd])
         np.testing.assert_allclose(I.flat(p_acc), I.flat(p_full), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(
-            np.asarray(ob.task_weights(s_acc)), np.asarray(ob.task_weights(s_full)), rtol=1e-4
-        )
+        # Weights to 1e-4 of the largest: the micro-batch mean and the whole batch's
+        # gradients differ by float32 rounding, which a solver's weights carry in absolute
+        # terms (a weight of 6.5e-4 moved by 9e-8 under another XLA code generator).
+        w_acc, w_full = np.asarray(ob.task_weights(s_acc)), np.asarray(ob.task_weights(s_full))
+        np.testing.assert_allclose(w_acc, w_full, rtol=1e-4, atol=1e-4 * np.abs(w_full).max())
     if name == "gradnorm":  # L(0): the losses of the whole first batch, not the last micro
         whole = _task_losses(
             _params(), _X[:K].reshape(K * B, 3), np.moveaxis(_Y[:K], 0, 1).reshape(T, K * B, 2)
