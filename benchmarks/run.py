@@ -651,6 +651,8 @@ def bench_memory(methods: list[BenchMethod], rep: Report) -> None:
         plain = sum(compiled_bytes(make_sum_step(), p0, adam.init(p0), x, y))
         equal = sum(compiled_bytes(make_step(None, t), p0, adam.init(p0), x, y))
         for m in methods:
+            if t < m.min_tasks:
+                continue
             tx = m.make(t, shared=SHARED)
             opt_state = optax.chain(tx, adam).init(p0)
             temp, out = compiled_bytes(make_step(tx, t), p0, opt_state, x, y)
