@@ -655,7 +655,7 @@ def bench_memory(methods: list[BenchMethod], rep: Report) -> None:
                 continue
             tx = m.make(t, shared=SHARED)
             opt_state = optax.chain(tx, adam).init(p0)
-            temp, out = compiled_bytes(make_step(tx, t), p0, opt_state, x, y)
+            temp, out = compiled_bytes(make_step(tx, t, m), p0, opt_state, x, y)
             rows.append(
                 [
                     m.name,
