@@ -26,6 +26,14 @@ leaves), which replaces the eigenvalue cut-off of a pseudo-inverse: a singular `
 fine. ``Q`` is first scaled to a unit diagonal (``z = D y``), so tasks
 whose gradients differ by orders of magnitude are resolved to their own scale.
 
+Up to three coordinates (:data:`_ENUM_T`) there is no loop: all ``2^T`` faces are
+solved at once in closed form and the best feasible point is kept (:func:`_enumerated`),
+exact by the same argument. On XLA:CPU a ``while_loop`` costs tens of microseconds per
+call in thunk dispatch whatever its size: a T=2 projection took 66 us in the loop and
+takes 7-9 us without it (AMD EPYC Zen 5; benchmarks/RESULTS.md has the method timings).
+``max_iters`` does not apply there, and ``iterations`` reports the size of the final face
+(the face solves the loop would need from ``z = 0`` without a drop).
+
 Why one solver serves MGDA, UPGrad, DualProj and CAGrad: all four are this QP on a
 Gramian; MGDA's Frank-Wolfe phase (the paper's algorithm) only provides the warm start.
 Everything runs in ``jax.lax`` loops with fixed shapes; nothing leaves the device.
@@ -251,6 +259,72 @@ def _empty(p: _Scaled) -> tuple[Array, Array]:
     return jnp.eye(t, dtype=p.a.dtype), jnp.zeros((t,), bool)
 
 
+# Up to this many coordinates the QPs skip the active-set loop: every face is solved at
+# once (vmapped) and the best feasible point is kept. A while loop costs XLA:CPU tens of
+# microseconds per call in thunk dispatch whatever its size, more than all 2^T face
+# solves of a tiny QP (benchmarks/run.py, section 1, at P = 1e4).
+_ENUM_T = 3
+
+
+def _small_inverse(m: Array) -> tuple[Array, Array]:
+    """``(adj(M), det(M))`` of symmetric ``(..., T, T)`` matrices, T <= 3, elementwise ops."""
+    t = m.shape[-1]
+    if t == 1:
+        return jnp.ones_like(m), m[..., 0, 0]
+    if t == 2:
+        a, b, d = m[..., 0, 0], m[..., 0, 1], m[..., 1, 1]
+        adj = jnp.stack([jnp.stack([d, -b], -1), jnp.stack([-b, a], -1)], -2)
+        return adj, a * d - b * b
+    r0, r1, r2 = m[..., 0, :], m[..., 1, :], m[..., 2, :]
+    adj = jnp.stack([jnp.cross(r1, r2), jnp.cross(r2, r0), jnp.cross(r0, r1)], -2)
+    return adj, jnp.sum(r0 * adj[..., 0, :], -1)
+
+
+def _enumerated(p: _Scaled, simplex: bool) -> tuple[Array, Array, Array, Array]:
+    """The exact minimiser by enumeration of faces: ``(y, H, free, face size)``.
+
+    The face matrix of each of the ``2^T`` faces (``A_FF``, the identity off the face) is
+    inverted in closed form; a face whose determinant is at the rounding level of its
+    diagonal (dependent gradients) is skipped. Each face's minimiser (:func:`_face_solve`'s
+    formulas, with one step of iterative refinement) is moved into the feasible set
+    (negative entries set to 0; on the simplex, rescaled onto ``e^T y = rho``). Every
+    candidate is then a feasible point, and the face of the optimum yields the optimum
+    itself (a face with a non-singular matrix always holds one: along a null direction
+    the objective is constant, so the support can shrink), so the candidate of least
+    objective is the minimiser, to rounding.
+    """
+    t = p.a.shape[0]
+    dt = p.a.dtype
+    eps = jnp.finfo(dt).eps
+    f = jnp.asarray(np.array([[(k >> i) & 1 for i in range(t)] for k in range(2**t)]), dt)
+    eye = jnp.eye(t, dtype=dt)
+    mat = p.a * f[:, :, None] * f[:, None, :] + eye * (1.0 - f)[:, :, None]
+    adj, det = _small_inverse(mat)
+    diag = jnp.prod(jnp.diagonal(mat, axis1=-2, axis2=-1), -1)
+    ok = det > _DEP_TOL * t * eps * diag
+    inv = adj / jnp.where(ok, det, 1.0)[:, None, None]
+
+    def solve(rhs: Array) -> Array:  # (F, T): A_F^{-1} rhs, refined once
+        x = jnp.einsum("fij,fj->fi", inv, rhs)
+        return x + jnp.einsum("fij,fj->fi", inv, rhs - jnp.einsum("fij,fj->fi", mat, x))
+
+    v2 = solve(p.q * f)
+    if simplex:
+        v1 = solve(p.e * f)
+        den = jnp.sum(p.e * v1, -1)
+        mu = jnp.where(den > 0, (p.rho + jnp.sum(p.e * v2, -1)) / jnp.where(den > 0, den, 1.0), 0.0)
+        y = jnp.maximum((mu[:, None] * v1 - v2) * f, 0.0)
+        s = jnp.sum(p.e * y, -1)
+        ok = ok & (s > 0)
+        y = y * (p.rho / jnp.where(s > 0, s, 1.0))[:, None]
+    else:
+        y = jnp.maximum(-v2 * f, 0.0)
+    obj = 0.5 * jnp.einsum("fi,ij,fj->f", y, p.qs, y) + y @ p.q
+    k = jnp.argmin(jnp.where(ok & ~jnp.isnan(obj), obj, jnp.inf))
+    free = f[k] > 0
+    return y[k], jnp.where(ok[k], inv[k], eye), free, jnp.sum(free).astype(jnp.int32)
+
+
 def nonneg_qp(q_mat: Array, q_vec: Array, *, max_iters: int | Array) -> QPSolution:
     """``argmin_{z >= 0} 1/2 z^T Q z + q^T z`` for a symmetric PSD ``Q`` (primal active set).
 
@@ -260,6 +334,9 @@ def nonneg_qp(q_mat: Array, q_vec: Array, *, max_iters: int | Array) -> QPSoluti
     ends finitely (Lawson & Hanson 1974, ch. 23); ``max_iters`` bounds it in any case.
     """
     p = _scale(q_mat, q_vec, False)
+    if q_vec.shape[0] <= _ENUM_T:
+        y, h, free, size = _enumerated(p, False)
+        return QPSolution(p.d * y, size, free, h)
     h, free = _empty(p)
     y0 = jnp.zeros_like(q_vec)
     j0 = jnp.argmin(p.q)
@@ -281,6 +358,9 @@ def simplex_qp(
     the multiplier.
     """
     p = _scale(q_mat, q_vec, True)
+    if q_vec.shape[0] <= _ENUM_T:
+        y, h, free, size = _enumerated(p, True)
+        return QPSolution(p.d * y, size, free, h)
     h, free = _empty(p)
     if start is None:
         j0 = jnp.argmin(0.5 * jnp.diagonal(q_mat) + q_vec)
@@ -416,15 +496,20 @@ def min_norm_simplex(
     g = 0.5 * (g + g.T)
     if t == 2:
         return QPSolution(two_task_min_norm(g), zero_it, jnp.ones((2,), bool), g * 0.0)
-    a_fw, it_fw = _frank_wolfe(g, epsilon, max_iters)
     cap = default_max_iters(t)
-    sol = simplex_qp(g, jnp.zeros((t,), g.dtype), max_iters=cap, start=a_fw)
-    slack = 10.0 * jnp.finfo(g.dtype).eps * (a_fw @ jnp.abs(g) @ a_fw)
-    better = (sol.iterations < cap) | (sol.z @ g @ sol.z <= a_fw @ g @ a_fw + slack)
-    a = jnp.where(better & jnp.all(jnp.isfinite(sol.z)), sol.z, a_fw)
+    if t <= _ENUM_T:  # every face at once: no Frank-Wolfe start needed
+        sol = simplex_qp(g, jnp.zeros((t,), g.dtype), max_iters=cap)
+        a, it = sol.z, sol.iterations
+    else:
+        a_fw, it_fw = _frank_wolfe(g, epsilon, max_iters)
+        sol = simplex_qp(g, jnp.zeros((t,), g.dtype), max_iters=cap, start=a_fw)
+        slack = 10.0 * jnp.finfo(g.dtype).eps * (a_fw @ jnp.abs(g) @ a_fw)
+        better = (sol.iterations < cap) | (sol.z @ g @ sol.z <= a_fw @ g @ a_fw + slack)
+        a = jnp.where(better & jnp.all(jnp.isfinite(sol.z)), sol.z, a_fw)
+        it = it_fw + sol.iterations
     zero = jnp.diagonal(g) <= 0
     a = jnp.where(jnp.any(zero), zero.astype(g.dtype) / jnp.maximum(jnp.sum(zero), 1), a)
-    return QPSolution(a, it_fw + sol.iterations, sol.free, sol.inverse)
+    return QPSolution(a, it, sol.free, sol.inverse)
 
 
 # ----------------------------------------------------------------------------------------
