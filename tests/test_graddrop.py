@@ -237,3 +237,18 @@ def test_leak_length_checked_against_the_gradients():
     tx = ob.graddrop(leak=[0.1, 0.2])
     with pytest.raises(ValueError, match="built for num_tasks=2"):
         jax.eval_shape(tx.update, jnp.zeros((3, 4)), tx.init(jnp.zeros(4)))
+
+
+def test_masks_are_never_written_out():
+    """The (T, P) masks are fused into their consumers (the kept norms, the combination,
+    the guard): the compiled update's temporaries are a few coordinate-sized arrays (the
+    purity, the random bits), well below one stacked gradient at T=16. Written out, the
+    masks alone are T x P (and each written copy is a fresh buffer per call)."""
+    t, params = 16, {"w": jnp.zeros((256, 512)), "b": jnp.zeros((512,))}
+    tx = ob.graddrop(leak=[0.1] * t)
+    grads = jax.tree.map(lambda p: jnp.zeros((t, *p.shape)), params)
+    mem = jax.jit(tx.update).lower(grads, tx.init(params)).compile().memory_analysis()
+    if mem is None:
+        pytest.skip("no memory analysis on this backend")
+    stacked = sum(4 * x.size for x in jax.tree.leaves(grads))
+    assert mem.temp_size_in_bytes < 0.5 * stacked, mem.temp_size_in_bytes / stacked

@@ -234,7 +234,10 @@ def guarded_weigh_ok(
         # next to the state they replace (a T x P temporary, where a donated state is
         # otherwise updated in place). Their finiteness is the weights' (see `tracked`).
         checked = new_state._replace(**{weighting.tracked: None})
-    ok = jnp.logical_and(ok, all_finite((stats._replace(grads=None), weights, checked)))
+    ok = jnp.logical_and(ok, all_finite((stats._replace(grads=None), checked)))
+    # Per-coordinate weights (GradDrop's masks) are computed here, not stored: checked
+    # with their producer fused in, they are never written out.
+    ok = jnp.logical_and(ok, all_finite(weights, computed=not is_task_vector(weights)))
     new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
     prev = state.weights
     if is_task_vector(weights):
