@@ -240,10 +240,10 @@ def test_leak_length_checked_against_the_gradients():
 
 
 def test_masks_are_never_written_out():
-    """The (T, P) masks are fused into their consumers (the kept norms, the combination,
-    the guard): the compiled update's temporaries are a few coordinate-sized arrays (the
-    purity, the random bits), well below one stacked gradient at T=16. Written out, the
-    masks alone are T x P (and each written copy is a fresh buffer per call)."""
+    """The (T, P) masks are fused into their consumers (the kept norms, the combination;
+    the guard does not scan them): the compiled update's temporaries are a few
+    coordinate-sized arrays (the purity, the random bits), well below one stacked gradient
+    at T=16. Written out, the masks alone are T x P (a fresh buffer per call)."""
     t, params = 16, {"w": jnp.zeros((256, 512)), "b": jnp.zeros((512,))}
     tx = ob.graddrop(leak=[0.1] * t)
     grads = jax.tree.map(lambda p: jnp.zeros((t, *p.shape)), params)

@@ -45,7 +45,7 @@ def fused_sums(xs: tuple[Array, ...], axes: tuple[int, ...]) -> tuple[Array, ...
     hands a plain sum to YNNPACK, whose fusion cannot take most producers (a compare, a
     select), so the summand is first written out in full, and a fresh buffer of T x P
     entries costs its page faults on every call (a (32, 5e5) GradDrop mask: 64 ms for
-    the kept norms and the guard, against 13 ms for one variadic reduce over the same
+    two sums over it, against 13 ms for one variadic reduce over the same
     masks, computed in place; AMD EPYC). A reduce of several operands stays XLA's own,
     with the producers fused in. Every output must be used: XLA drops an unused one, and
     a reduce left with one operand goes to YNNPACK again.
@@ -60,10 +60,17 @@ def fused_sums(xs: tuple[Array, ...], axes: tuple[int, ...]) -> tuple[Array, ...
     return tuple(out)
 
 
+# Up to this many tasks the rows are summed term by term: one fused elementwise pass, into
+# which XLA also fuses computed weights (GradDrop's masks at T=8) and which reads
+# written-out weights (TrimmedMean's) fastest.
+_ROWS_MAX_T = 8
+
+
 def _coordinate_sum(w: Array, g: Array) -> Array:
     """``sum_i w[i] * g[i]`` for ``w`` of ``g``'s shape, accumulated in the statistics dtype.
 
-    One variadic reduce over the task axis (:func:`fused_sums`), which XLA:CPU runs as
+    Beyond ``_ROWS_MAX_T`` tasks, one variadic reduce over the task axis
+    (:func:`fused_sums`), which XLA:CPU runs as
     its own reduction with the weights' producer fused in, so computed weights (GradDrop's
     masks) are never written out. Measured on a 2-core EPYC with the masks computed from
     (5e5,) arrays, against the floor ``ones @ g``: T=8 0.89 ms (floor 0.58), T=32 8.3 ms
@@ -74,6 +81,11 @@ def _coordinate_sum(w: Array, g: Array) -> Array:
     """
     dt = stat_dtype()
     w, g = w.astype(dt), g.astype(dt)
+    if g.shape[0] <= _ROWS_MAX_T:
+        out = w[0] * g[0]
+        for i in range(1, g.shape[0]):
+            out = out + w[i] * g[i]
+        return out
     # The second sum is 0, or NaN where a weight is not finite (where the first is
     # non-finite already); it is added so that XLA keeps the reduce variadic.
     out, zero = fused_sums((w * g, w * 0), (0,))

@@ -55,7 +55,10 @@ class Weighting:
       weigh: ``weigh(stats, state) -> (weights, new_state)``. ``weights`` is ``(T,)``, or a
         pytree with the params' structure holding per statistic leaf a ``(T,)`` array or
         an array of the leaf's stacked shape (per-coordinate weights), ``None`` elsewhere.
-        It must be jittable: no Python control flow on array values.
+        It must be jittable: no Python control flow on array values. The non-finite guard
+        does not scan per-coordinate weights (they need not exist in memory: XLA fuses
+        them into the combination): ``weigh`` must make ``state.weights`` or another state
+        field non-finite whenever one is, as a summary computed from them is.
       needs: the statistics ``weigh`` reads, from ``"gram"``, ``"sq_norms"``,
         ``"item_sq_norms"``, ``"leaf_sq_norms"``, ``"leaf_gram"``, ``"grads"``,
         ``"cross_gram"`` (makes ``task_grads2`` required) and ``"losses"`` (makes
@@ -234,10 +237,13 @@ def guarded_weigh_ok(
         # next to the state they replace (a T x P temporary, where a donated state is
         # otherwise updated in place). Their finiteness is the weights' (see `tracked`).
         checked = new_state._replace(**{weighting.tracked: None})
-    ok = jnp.logical_and(ok, all_finite((stats._replace(grads=None), checked)))
-    # Per-coordinate weights (GradDrop's masks) are computed here, not stored: checked
-    # with their producer fused in, they are never written out.
-    ok = jnp.logical_and(ok, all_finite(weights, computed=not is_task_vector(weights)))
+    # Per-coordinate weights are not scanned (see ``Weighting.weigh``): a T x P reduction
+    # over them would make XLA write them out, a fresh T x P buffer per call, where they
+    # can otherwise be fused into the combination.
+    per_leaf = jax.tree.map(
+        lambda w: w if np.ndim(w) <= 1 else None, weights, is_leaf=lambda x: x is None
+    )
+    ok = jnp.logical_and(ok, all_finite((stats._replace(grads=None), per_leaf, checked)))
     new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
     prev = state.weights
     if is_task_vector(weights):

@@ -55,7 +55,7 @@ def graddrop_masks(g: jax.Array, u: jax.Array, leak: Any) -> jax.Array:
     purity = 0.5 * (1.0 + total / jnp.where(mass > 0, mass, 1.0))
     # M_i = [s g_i > 0] with s the sign each coordinate keeps (+1: the positive gradients,
     # -1: the negative ones, 0: none, at P = U): one product and one comparison that XLA
-    # fuses into each consumer (the kept norms, the combination, the guard), so the (T, P)
+    # fuses into each consumer (the kept norms, the combination), so the (T, P)
     # masks are never written out. Written out, they cost a fresh T x P buffer per call,
     # which XLA:CPU pays for in page faults (a plain ``2 * g`` of a (32, 5e5) leaf: 19 ms
     # on the 2-core EPYC).
@@ -139,7 +139,8 @@ def graddrop_weighting(
             masks.append(m)
             axes = tuple(range(1, g.ndim))
             # One variadic reduce: the masks are fused in, never written out (fused_sums).
-            # The second sum is 0 (NaN for a non-finite mask, which the guard then sees).
+            # The second sum is 0, NaN for a non-finite mask: the summary is then NaN, as
+            # the core requires of per-coordinate weights (it does not scan them).
             kept = kept + sum(_core.fused_sums((m * g * g, m * 0), axes))
             sq = sq + _core.leaf_sq_norms(g)
         pos = sq > 0

@@ -150,6 +150,8 @@ def trimmed_mean_weighting(trim_number: int) -> _core.Weighting:
             m = jax.lax.optimization_barrier(trimmed_mean_coefficients(g, b))
             coefs.append(m)
             axes = tuple(range(1, g.ndim))
+            # Non-finite whenever a coefficient is (then so is the summary, as the core
+            # requires of per-coordinate weights: it does not scan them).
             kept = kept + jnp.sum(m * g * g, axis=axes)
             sq = sq + _core.leaf_sq_norms(g)
         pos = sq > 0
