@@ -77,11 +77,15 @@ def test_matches_reference_on_random_gradients(t):
             np.testing.assert_allclose(state.weights, want, rtol=1e-4)
 
 
-@pytest.mark.parametrize("t", [5, 20])
+# 20 and 33: past the unrolled comparisons, b <= 4 takes the extremes (O(b T)).
+@pytest.mark.parametrize("t", [5, 20, 33])
 def test_ties_share_their_kept_positions(t):
     rng = np.random.default_rng(3)
     J = rng.integers(-2, 3, size=(t, 40)).astype(np.float32)  # many ties
-    for b in (1, 2):
+    J[:, 0] = 1.0  # one value: extreme both ways
+    J[:, 1] = np.arange(t) >= 2  # two values, the smaller one twice
+    J[:, 2] = np.arange(t) >= t - 1  # two values, the larger one once
+    for b in [b for b in (1, 2, 4) if t >= 2 * b + 1]:
         m = np.asarray(trimmed_mean_coefficients(jnp.asarray(J), b))
         np.testing.assert_allclose(m, reference_weights(J, b), rtol=1e-6)
         np.testing.assert_allclose(m.sum(axis=0), 1.0, rtol=1e-6)

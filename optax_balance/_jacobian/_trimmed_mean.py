@@ -44,9 +44,12 @@ def check_task_count(num_tasks: int, trim_number: int) -> None:
 # Up to this many tasks the T(T-1)/2 pairwise comparisons per coordinate are written out:
 # one fused elementwise pass (P=1e6 on a loaded 2-core EPYC: 13-24 ms at T=8 and 48-65 ms
 # at T=16, against 84 ms for a row-by-row count at T=8 and a one-pass floor of 1-7 ms).
-# Beyond, a fori_loop over the tasks, one pass over the stacked leaf per task, which is
-# slow (0.8 s at T=16, 3.3 s at T=32); a fully unrolled T=32 compiles for 22 s and is no
-# faster, and a per-coordinate sort or extracting the b extremes measured slower still.
+# Beyond, with trim_number <= _EXTREME_MAX_B, the b smallest and largest distinct values
+# of each coordinate with their counts, one reduce over the task axis each
+# (_extreme_coefficients; quiet EPYC, P=1e6: T=20 88 ms, T=32 162 ms, against 271 and
+# 564 ms for the loop below). Otherwise a fori_loop over the tasks, one pass over the
+# stacked leaf per task; a fully unrolled T=32 compiles for 22 s and is no faster, and a
+# per-coordinate sort measured slower still.
 _UNROLL_MAX_T = 16
 
 
@@ -55,6 +58,76 @@ def _kept(below: jax.Array, equal: jax.Array, t: int, trim_number: int) -> jax.A
     lo = jnp.maximum(below, trim_number)
     hi = jnp.minimum(below + equal, t - trim_number)
     return jnp.maximum(hi - lo, 0.0) / (equal * (t - 2 * trim_number))
+
+
+# Beyond _UNROLL_MAX_T tasks, a trim_number up to this takes the extremes instead
+# (:func:`_extreme_coefficients`): O(b T) per coordinate, not O(T^2).
+_EXTREME_MAX_B = 4
+
+
+def _by_extremes(t: int, trim_number: int) -> bool:
+    return t > _UNROLL_MAX_T and trim_number <= _EXTREME_MAX_B
+
+
+def _min_count(a: tuple[Any, Any], b: tuple[Any, Any]) -> tuple[Any, Any]:
+    """Reducer of ``(value, count)`` pairs: the smaller value, with the counts of ties."""
+    v = jnp.minimum(a[0], b[0])
+    return v, jnp.where(a[0] == v, a[1], 0.0) + jnp.where(b[0] == v, b[1], 0.0)
+
+
+def _smallest(x: jax.Array, b: int) -> list[tuple[jax.Array, jax.Array]]:
+    """The ``b`` smallest distinct values per coordinate over the task axis, with counts.
+
+    Each is one reduce over the task axis of ``(value, 1)`` pairs (:func:`_min_count`)
+    on the entries above the previous value; past the last distinct value, ``(inf, 0)``.
+    A reduce is computed once per coordinate: the coefficients that compare with its
+    result do not repeat it.
+    """
+    out = []
+    prev = None
+    for _ in range(b):
+        masked = x if prev is None else jnp.where(x > prev, x, jnp.inf)
+        v, n = jax.lax.reduce(
+            (masked, jnp.ones_like(masked)),
+            (jnp.array(jnp.inf, x.dtype), jnp.array(0.0, x.dtype)),
+            _min_count,
+            (0,),
+        )
+        out.append((v, jnp.where(v < jnp.inf, n, 0.0)))
+        prev = v
+    return out
+
+
+def _extreme_coefficients(g: jax.Array, trim_number: int) -> jax.Array:
+    """:func:`trimmed_mean_coefficients` from the ``b`` smallest and largest distinct
+    values of each coordinate with their counts, in O(b T) per coordinate.
+
+    An entry equal to the k-th smallest distinct value ``v_k`` has ``below`` = the count
+    of the values before it and ``equal`` = its own count, exactly; likewise from the
+    top. Only such entries can reach a trimmed position (the others have at least ``b``
+    entries below and above them), and get the tie-sharing weight; every other entry is
+    kept whole, ``1 / (T - 2b)``.
+    """
+    t, b = g.shape[0], trim_number
+    dt = g.dtype
+    below = jnp.full(g.shape, float(b), dt)
+    equal = jnp.ones(g.shape, dt)
+    # 1 / (equal (T - 2b)), from per-coordinate arrays: no division per entry, which would
+    # make XLA write the coefficients out rather than fuse them into their consumers.
+    inv = jnp.full(g.shape, 1.0 / (t - 2 * b), dt)
+    # From the top first: where a value is extreme both ways, the bottom's counts (also
+    # exact) overwrite them.
+    for side in (-1.0, 1.0):
+        before = jnp.zeros(g.shape[1:], dt)
+        for v, n in _smallest(side * g, b):
+            hit = (side * g == v) & (before < b)
+            below = jnp.where(hit, before if side > 0 else t - before - n, below)
+            equal = jnp.where(hit, n, equal)
+            inv = jnp.where(hit, 1.0 / (jnp.maximum(n, 1.0) * (t - 2 * b)), inv)
+            before = before + n
+    lo = jnp.maximum(below, b)
+    hi = jnp.minimum(below + equal, t - b)
+    return jnp.maximum(hi - lo, 0.0) * inv
 
 
 def trimmed_mean_coefficients(g: jax.Array, trim_number: int) -> jax.Array:
@@ -81,6 +154,9 @@ def trimmed_mean_coefficients(g: jax.Array, trim_number: int) -> jax.Array:
                 below[i], below[j] = below[i] + j_below, below[j] + i_below
                 equal[i], equal[j] = equal[i] + same, equal[j] + same
         return jnp.stack([_kept(below[i], equal[i], t, trim_number) for i in range(t)])
+
+    if _by_extremes(t, trim_number):
+        return _extreme_coefficients(g.astype(dt), trim_number)
 
     def body(j: Any, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         below, equal = carry
@@ -145,14 +221,20 @@ def trimmed_mean_weighting(trim_number: int) -> _core.Weighting:
                 coefs.append(None)
                 continue
             g = jnp.asarray(g).astype(dt())
-            # Materialised once, then read by the summary and the combination: left to
-            # itself, XLA's CPU backend repeats the comparisons in each consumer.
-            m = jax.lax.optimization_barrier(trimmed_mean_coefficients(g, b))
-            coefs.append(m)
+            m = trimmed_mean_coefficients(g, b)
             axes = tuple(range(1, g.ndim))
             # Non-finite whenever a coefficient is (then so is the summary, as the core
             # requires of per-coordinate weights: it does not scan them).
-            kept = kept + jnp.sum(m * g * g, axis=axes)
+            if _by_extremes(g.shape[0], b):
+                # A few comparisons with reduced extremes per entry: fused into the kept
+                # norms and the combination, never written out (_core.fused_sums).
+                kept = kept + sum(_core.fused_sums((m * g * g, m * 0), axes))
+            else:
+                # Pairwise counts: written out once, then read by the summary and the
+                # combination (fused, they would be recounted in each).
+                m = jax.lax.optimization_barrier(m)
+                kept = kept + jnp.sum(m * g * g, axis=axes)
+            coefs.append(m)
             sq = sq + _core.leaf_sq_norms(g)
         pos = sq > 0
         # A zero gradient: the weight of a kept value (0/0 otherwise).
