@@ -1,9 +1,9 @@
-"""The QP solver's closed-form path for T <= 3 (every face at once, no loop).
+"""The QP solver's closed-form path for T <= 4 (every face at once, no loop).
 
 Checked against SciPy's SLSQP in float64 (an independent general-purpose solver) on
 well-conditioned and degenerate Gramians (duplicate, opposite, zero and 1e3-scaled rows,
 rank one), through the KKT conditions and the objective, and through the methods that
-use it (UPGrad, DualProj, MGDA, CAGrad) at T = 2 and 3. T = 4 takes the active-set loop;
+use it (UPGrad, DualProj, MGDA, CAGrad) at T = 2 to 4. T = 5 takes the active-set loop;
 the same checks run there, so both sides of the boundary are covered.
 """
 
@@ -95,7 +95,7 @@ def _check(q_mat: np.ndarray, q_vec: np.ndarray, simplex: bool) -> None:
     assert np.all(grad - nu >= -1e3 * EPS32 * g_scale), (grad - nu, g_scale)
 
 
-@pytest.mark.parametrize("t", [1, 2, 3, 4])
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 5])
 def test_nonneg_qp_is_optimal_on_hostile_gramians(t):
     rng = np.random.default_rng(t)
     for gram in _gram_cases(t):
@@ -109,7 +109,7 @@ def test_nonneg_qp_is_optimal_on_hostile_gramians(t):
             _check(gram, q.astype(np.float32).astype(np.float64), simplex=False)
 
 
-@pytest.mark.parametrize("t", [1, 2, 3, 4])
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 5])
 def test_simplex_qp_is_optimal_on_hostile_gramians(t):
     rng = np.random.default_rng(10 + t)
     for gram in _gram_cases(t):
@@ -118,7 +118,7 @@ def test_simplex_qp_is_optimal_on_hostile_gramians(t):
             _check(gram, q.astype(np.float32).astype(np.float64), simplex=True)
 
 
-@pytest.mark.parametrize("t", [2, 3])
+@pytest.mark.parametrize("t", [2, 3, 4])
 def test_closed_form_path_has_no_loop(t):
     """The point of the path: no while loop (each costs XLA:CPU tens of microseconds)."""
     a = jnp.eye(t) + 0.5
@@ -132,7 +132,7 @@ def test_closed_form_path_has_no_loop(t):
         assert "while" not in hlo
 
 
-@pytest.mark.parametrize("t", [2, 3])
+@pytest.mark.parametrize("t", [2, 3, 4])
 def test_methods_match_references_at_small_t(t):
     """UPGrad and DualProj against SciPy's BVLS, MGDA's weights against SLSQP."""
     rng = np.random.default_rng(60 + t)
