@@ -94,7 +94,9 @@ METHODS: list[BenchMethod] = [
         min_tasks=3,
     ),
     M("fairgrad", "fairgrad", "gram", torchjd="FairGrad", torchjd_kwargs=lambda t: {"alpha": 1.0}),
-    M("excess_mtl", "excess_mtl", "gram", torchjd="ExcessMTL"),
+    # Not a Gramian method: it reads the stacked gradients and reads and writes its
+    # per-task AdaGrad accumulators (T x P) every step, as torchjd's does.
+    M("excess_mtl", "excess_mtl", "state", torchjd="ExcessMTL"),
     M("pcd", "pcd", "gram", torchjd="PCD"),
     M("moco", "moco", "state", needs_losses=True),  # not in torchjd
     M("db_mtl", "db_mtl", "state", needs_losses=True),  # not in torchjd
