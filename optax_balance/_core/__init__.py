@@ -26,7 +26,7 @@ from optax_balance._core._checks import (
     is_concrete,
     is_traced,
 )
-from optax_balance._core._combine import combine, combine_leaf, fused_sums, sum_leaf
+from optax_balance._core._combine import combine, combine_leaf, fused_sum, sum_leaf
 from optax_balance._core._gram import leaf_cross_gram, leaf_gram, leaf_sq_norms
 from optax_balance._core._stats import (
     STAT_NAMES,
@@ -75,7 +75,7 @@ __all__ = [
     "Sync",
     "Weighting",
     "all_finite",
-    "fused_sums",
+    "fused_sum",
     "balance",
     "check_choice",
     "check_int",

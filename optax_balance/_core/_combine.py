@@ -38,26 +38,27 @@ def combine_leaf(w: Array | np.ndarray, g: Array, *, keep_f32: bool = False) -> 
     return out.astype(out_dt)
 
 
-def fused_sums(xs: tuple[Array, ...], axes: tuple[int, ...]) -> tuple[Array, ...]:
-    """Sums of two or more same-shape arrays over ``axes``, in one variadic reduce.
+def fused_sum(x: Array, axes: tuple[int, ...], flag: Array) -> Array:
+    """``sum(x, axes)`` for an ``x`` computed in the program, never written out; NaN where
+    ``flag`` (an array of ``x``'s shape, the weights ``x`` is made from) is not finite.
 
-    For arrays computed in the program (a mask from a comparison, a product): XLA:CPU
-    hands a plain sum to YNNPACK, whose fusion cannot take most producers (a compare, a
-    select), so the summand is first written out in full, and a fresh buffer of T x P
-    entries costs its page faults on every call (a (32, 5e5) GradDrop mask: 64 ms for
-    two sums over it, against 13 ms for one variadic reduce over the same
-    masks, computed in place; AMD EPYC). A reduce of several operands stays XLA's own,
-    with the producers fused in. Every output must be used: XLA drops an unused one, and
-    a reduce left with one operand goes to YNNPACK again.
+    XLA:CPU hands a plain sum to YNNPACK, whose fusion cannot take most producers (a
+    compare, a select), so the summand is first written out in full, and a fresh buffer
+    of T x P entries costs its page faults on every call (a (32, 5e5) GradDrop mask: 64
+    ms for two sums over it, against 13 ms here; AMD EPYC). A reduce of two operands stays
+    XLA's own, with the producers fused in: ``x`` is reduced together with ``flag * 0``,
+    whose sum is added so that XLA cannot drop it (a reduce left with one operand goes to
+    YNNPACK). ``flag * 0`` rather than ``x * 0``: the cheaper operand (GradDrop at T=32,
+    P=1e6: 44 against 57 ms).
     """
-    dt = xs[0].dtype
-    out = jax.lax.reduce(
-        tuple(xs),
-        tuple(jnp.zeros((), dt) for _ in xs),
-        lambda a, b: tuple(x + y for x, y in zip(a, b)),
+    dt = x.dtype
+    total, zero = jax.lax.reduce(
+        (x, flag.astype(dt) * 0),
+        (jnp.zeros((), dt), jnp.zeros((), dt)),
+        lambda a, b: (a[0] + b[0], a[1] + b[1]),
         axes,
     )
-    return tuple(out)
+    return total + zero
 
 
 # Up to this many tasks the rows are summed term by term: one fused elementwise pass, into
@@ -69,13 +70,12 @@ _ROWS_MAX_T = 8
 def _coordinate_sum(w: Array, g: Array) -> Array:
     """``sum_i w[i] * g[i]`` for ``w`` of ``g``'s shape, accumulated in the statistics dtype.
 
-    Beyond ``_ROWS_MAX_T`` tasks, one variadic reduce over the task axis
-    (:func:`fused_sums`), which XLA:CPU runs as
-    its own reduction with the weights' producer fused in, so computed weights (GradDrop's
-    masks) are never written out. Measured on a 2-core EPYC with the masks computed from
-    (5e5,) arrays, against the floor ``ones @ g``: T=8 0.89 ms (floor 0.58), T=32 8.3 ms
-    (floor 2.0). ``jnp.sum(w * g, 0)`` goes to YNNPACK, which writes the product out
-    first: 20 and 95 ms; the rows summed term by term fuse up to T=8 (0.77 ms), but at
+    Beyond ``_ROWS_MAX_T`` tasks, one reduce over the task axis (:func:`fused_sum`), which
+    XLA:CPU runs as its own reduction with the weights' producer fused in, so computed
+    weights (GradDrop's masks) are never written out. Measured on a 2-core EPYC with the
+    masks computed from (5e5,) arrays, against the floor ``ones @ g``: T=8 0.89 ms (floor
+    0.58), T=32 8.3 ms (floor 2.0). ``jnp.sum(w * g, 0)`` goes to YNNPACK, which writes the
+    product out first: 20 and 95 ms; the rows summed term by term fuse up to T=8 (0.77 ms), but at
     T=32 XLA writes the (T, P) masks out before slicing them (24 ms, page faults on a
     fresh T x P buffer every call).
     """
@@ -86,10 +86,7 @@ def _coordinate_sum(w: Array, g: Array) -> Array:
         for i in range(1, g.shape[0]):
             out = out + w[i] * g[i]
         return out
-    # The second sum is 0, or NaN where a weight is not finite (where the first is
-    # non-finite already); it is added so that XLA keeps the reduce variadic.
-    out, zero = fused_sums((w * g, w * 0), (0,))
-    return out + zero
+    return fused_sum(w * g, (0,), w)
 
 
 def sum_leaf(g: Array, *, keep_f32: bool = False) -> Array:

@@ -138,10 +138,10 @@ def graddrop_weighting(
             m = graddrop_masks(g, u, lk)
             masks.append(m)
             axes = tuple(range(1, g.ndim))
-            # One variadic reduce: the masks are fused in, never written out (fused_sums).
-            # The second sum is 0, NaN for a non-finite mask: the summary is then NaN, as
-            # the core requires of per-coordinate weights (it does not scan them).
-            kept = kept + sum(_core.fused_sums((m * g * g, m * 0), axes))
+            # The masks are fused in, never written out (fused_sum). A non-finite mask
+            # makes the summary non-finite, as the core requires of per-coordinate
+            # weights (it does not scan them).
+            kept = kept + _core.fused_sum(m * g * g, axes, m)
             sq = sq + _core.leaf_sq_norms(g)
         pos = sq > 0
         # A zero gradient's mask is leak[i] everywhere (M_i = 0): its share is that.

@@ -53,11 +53,19 @@ def check_task_count(num_tasks: int, trim_number: int) -> None:
 _UNROLL_MAX_T = 16
 
 
-def _kept(below: jax.Array, equal: jax.Array, t: int, trim_number: int) -> jax.Array:
-    """Weight of an entry with ``below`` smaller and ``equal`` equal entries (itself too)."""
+def _kept(
+    below: jax.Array, equal: jax.Array, t: int, trim_number: int, inv: Any = None
+) -> jax.Array:
+    """Weight of an entry with ``below`` smaller and ``equal`` equal entries (itself too).
+
+    ``inv``: ``1 / (equal (T - 2 trim_number))`` when the caller has it without a division
+    per entry (:func:`_extreme_coefficients`).
+    """
     lo = jnp.maximum(below, trim_number)
     hi = jnp.minimum(below + equal, t - trim_number)
-    return jnp.maximum(hi - lo, 0.0) / (equal * (t - 2 * trim_number))
+    if inv is None:
+        return jnp.maximum(hi - lo, 0.0) / (equal * (t - 2 * trim_number))
+    return jnp.maximum(hi - lo, 0.0) * inv
 
 
 # Beyond _UNROLL_MAX_T tasks, a trim_number up to this takes the extremes instead
@@ -125,9 +133,7 @@ def _extreme_coefficients(g: jax.Array, trim_number: int) -> jax.Array:
             equal = jnp.where(hit, n, equal)
             inv = jnp.where(hit, 1.0 / (jnp.maximum(n, 1.0) * (t - 2 * b)), inv)
             before = before + n
-    lo = jnp.maximum(below, b)
-    hi = jnp.minimum(below + equal, t - b)
-    return jnp.maximum(hi - lo, 0.0) * inv
+    return _kept(below, equal, t, b, inv)
 
 
 def trimmed_mean_coefficients(g: jax.Array, trim_number: int) -> jax.Array:
@@ -227,8 +233,8 @@ def trimmed_mean_weighting(trim_number: int) -> _core.Weighting:
             # requires of per-coordinate weights: it does not scan them).
             if _by_extremes(g.shape[0], b):
                 # A few comparisons with reduced extremes per entry: fused into the kept
-                # norms and the combination, never written out (_core.fused_sums).
-                kept = kept + sum(_core.fused_sums((m * g * g, m * 0), axes))
+                # norms and the combination, never written out (_core.fused_sum).
+                kept = kept + _core.fused_sum(m * g * g, axes, m)
             else:
                 # Pairwise counts: written out once, then read by the summary and the
                 # combination (fused, they would be recounted in each).
