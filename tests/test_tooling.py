@@ -40,3 +40,18 @@ def test_ruff_is_clean():
         [ruff, "format", "--check", *paths], cwd=ROOT, capture_output=True, text=True
     )
     assert fmt.returncode == 0, fmt.stdout[-4000:]
+
+
+@pytest.mark.xdist_group("loadgroup-canary")
+def test_xdist_loadgroup_is_honoured(request):
+    """``make test`` runs ``--dist loadgroup`` so that one method's tests share a worker.
+
+    The registry-wide suites are grouped per method (conftest.py) so that each method's
+    programs compile in one worker, not in every worker. pytest-xdist groups by renaming
+    each node ID to ``<id>@<group>``; pytest 9.2 ignores that rename, which silently
+    spread every group over all workers (a 2-core run took 13.5 instead of ~11 minutes;
+    constraints.txt pins pytest 9.1). This test fails if the grouping is lost again.
+    """
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("not run under pytest-xdist's --dist loadgroup")
+    assert request.node.nodeid.endswith("@loadgroup-canary"), request.node.nodeid
