@@ -10,6 +10,10 @@ import optax
 
 from optax_balance import _core
 
+# Up to this many tasks the loop over the positions of the orders is unrolled: on
+# XLA:CPU each iteration of a while loop costs a few thunk dispatches, whatever its size.
+UNROLL_T = 8
+
 
 class PCGradState(NamedTuple):
     """State of :func:`pcgrad`.
@@ -36,12 +40,26 @@ def task_orders(step_key: jax.Array, num_tasks: int) -> jax.Array:
     return jax.vmap(lambda k: jax.random.permutation(k, num_tasks))(keys)
 
 
+def step_orders(step_key: jax.Array, num_tasks: int) -> jax.Array:
+    """This step's task orders: :func:`task_orders`, drawn only beyond two tasks.
+
+    With one or two tasks, each task meets the one other task (if any) whatever its
+    order, so the coefficients do not depend on the orders and none is drawn (a random
+    permutation is a sort and a few hash rounds: most of PCGrad's update at T=2,
+    P=1e4). The caller splits its key every step all the same.
+    """
+    if num_tasks <= 2:
+        return jnp.tile(jnp.arange(num_tasks, dtype=jnp.int32), (num_tasks, 1))
+    return task_orders(step_key, num_tasks)
+
+
 def pcgrad_coefficients(gram: jax.Array, orders: jax.Array) -> jax.Array:
     """Projection coefficients ``C`` with ``g_i^PC = sum_j C[i, j] g_j``, from the Gramian.
 
     Every projected gradient stays in the span of the raw ones, so PCGrad can run on
     coefficient vectors: ``g_i^PC . g_j = (C G)[i, j]``. All T tasks advance together
-    through a ``lax.fori_loop`` over the T positions of their orders (``O(T^3)`` in all).
+    through a ``lax.fori_loop`` over the T positions of their orders (``O(T^3)`` in all),
+    unrolled up to ``UNROLL_T`` tasks.
 
     Args:
       gram: ``(T, T)`` Gramian ``G_ij = g_i . g_j``.
@@ -63,7 +81,7 @@ def pcgrad_coefficients(gram: jax.Array, orders: jax.Array) -> jax.Array:
         step = jnp.where(conflict, inner / jnp.where(conflict, gjj, 1.0), 0.0)
         return coef.at[rows, j].add(-step)
 
-    return jax.lax.fori_loop(0, t, body, jnp.eye(t, dtype=gram.dtype))
+    return jax.lax.fori_loop(0, t, body, jnp.eye(t, dtype=gram.dtype), unroll=t <= UNROLL_T)
 
 
 def pcgrad_weighting(
@@ -102,7 +120,7 @@ def pcgrad_weighting(
     def weigh(stats: _core.Stats, state: PCGradState) -> tuple[jax.Array, PCGradState]:
         assert stats.gram is not None
         key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
-        orders = task_orders(step_key, stats.num_tasks)
+        orders = step_orders(step_key, stats.num_tasks)
         # The coefficients are invariant to a common scale of the gradients: normalise so
         # that gradients near 1e15 or 1e-15 neither overflow nor underflow the products.
         top = jnp.max(jnp.diagonal(stats.gram))
@@ -150,7 +168,7 @@ def pcgrad(
     task :math:`i`'s order is ``jax.random.permutation(jax.random.split(step_key,
     T)[i], T)`` (see :func:`task_orders`). A fixed ``seed`` makes a run reproducible;
     a step with non-finite gradients keeps the old key. With T=2 the order does not
-    matter.
+    matter, and none is drawn (the key is split all the same).
 
     Args:
       seed: the integer seed of the PRNG key kept in the state.
