@@ -415,28 +415,6 @@ def face_point(q_mat: Array, q_vec: Array, sol: QPSolution) -> Array:
     return p.d * y
 
 
-def spd_solve(a: Array, b: Array) -> Array:
-    """``a^{-1} b`` for a small symmetric positive definite ``a``, in plain XLA ops.
-
-    The inverse is built by bordering one coordinate at a time (Gauss-Jordan on the
-    Schur complements, the same update as the active-set solver's; no pivoting is needed
-    on a positive definite matrix), on ``a`` scaled to a unit diagonal, then one step of
-    iterative refinement. A coordinate with a Schur complement at rounding level (a
-    numerically singular ``a``) is left out, so the result stays finite.
-    """
-    p = _scale(a, jnp.zeros_like(b), False)
-    t = a.shape[0]
-
-    def add_next(j, hf):
-        return _add(p, hf[0], hf[1], j, jnp.array(True))[:2]
-
-    h, free = jax.lax.fori_loop(0, t, add_next, _empty(p))
-    rhs = jnp.where(free, b * p.d, 0.0)
-    y = h @ rhs
-    y = y + h @ (rhs - jnp.where(free, p.a @ jnp.where(free, y, 0.0), 0.0))
-    return jnp.where(free, y, 0.0) * p.d
-
-
 def default_max_iters(num_tasks: int) -> int:
     """Cap on active-set iterations; the method usually needs at most about 2T."""
     return int(10 * num_tasks + 10)
