@@ -45,8 +45,8 @@ def step_orders(step_key: jax.Array, num_tasks: int) -> jax.Array:
 
     With one or two tasks, each task meets the one other task (if any) whatever its
     order, so the coefficients do not depend on the orders and none is drawn (a random
-    permutation is a sort and a few hash rounds: most of PCGrad's update at T=2,
-    P=1e4). The caller splits its key every step all the same.
+    permutation per task is a sort and a few hash rounds, work with no effect there).
+    The caller splits its key every step all the same.
     """
     if num_tasks <= 2:
         return jnp.tile(jnp.arange(num_tasks, dtype=jnp.int32), (num_tasks, 1))
