@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_balance import _core
-from optax_balance._gramian._pcgrad import UNROLL_T, step_orders
+from optax_balance._gramian._pcgrad import step_orders
 
 
 class GradVacState(NamedTuple):
@@ -49,8 +49,8 @@ def gradvac_coefficients(
     coefficient vectors, as PCGrad does: with :math:`c_i` row i of ``C``,
     :math:`\|g_i^{PC}\|^2 = c_i G c_i^\top` and :math:`g_i^{PC} \cdot g_j = (c_i G)_j`.
     Task i only ever changes row i, so all T tasks advance together through a
-    ``lax.fori_loop`` over the T positions of their orders (``O(T^3)`` in all, unrolled
-    up to 8 tasks), each keeping the running products ``C G``.
+    ``lax.fori_loop`` over the T positions of their orders (``O(T^3)`` in all), each
+    keeping the running products ``C G``.
 
     At each position, task i meets task j (itself is skipped):
     :math:`\phi = g_i^{PC} \cdot g_j / (\|g_i^{PC}\| \|g_j\| + \epsilon)`; when
@@ -99,7 +99,7 @@ def gradvac_coefficients(
     # from a per-device state and the Gramian from a pmean): adding zeros is exact.
     zero = jnp.zeros_like(gram) + jnp.zeros_like(targets)
     init = (jnp.eye(t, dtype=gram.dtype) + zero, gram + zero, targets + zero)
-    coef, _, targets = jax.lax.fori_loop(0, t, body, init, unroll=t <= UNROLL_T)
+    coef, _, targets = jax.lax.fori_loop(0, t, body, init)
     return coef, targets
 
 

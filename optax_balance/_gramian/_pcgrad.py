@@ -10,10 +10,6 @@ import optax
 
 from optax_balance import _core
 
-# Up to this many tasks the loop over the positions of the orders is unrolled: on
-# XLA:CPU each iteration of a while loop costs a few thunk dispatches, whatever its size.
-UNROLL_T = 8
-
 
 class PCGradState(NamedTuple):
     """State of :func:`pcgrad`.
@@ -58,8 +54,7 @@ def pcgrad_coefficients(gram: jax.Array, orders: jax.Array) -> jax.Array:
 
     Every projected gradient stays in the span of the raw ones, so PCGrad can run on
     coefficient vectors: ``g_i^PC . g_j = (C G)[i, j]``. All T tasks advance together
-    through a ``lax.fori_loop`` over the T positions of their orders (``O(T^3)`` in all),
-    unrolled up to ``UNROLL_T`` tasks.
+    through a ``lax.fori_loop`` over the T positions of their orders (``O(T^3)`` in all).
 
     Args:
       gram: ``(T, T)`` Gramian ``G_ij = g_i . g_j``.
@@ -81,7 +76,7 @@ def pcgrad_coefficients(gram: jax.Array, orders: jax.Array) -> jax.Array:
         step = jnp.where(conflict, inner / jnp.where(conflict, gjj, 1.0), 0.0)
         return coef.at[rows, j].add(-step)
 
-    return jax.lax.fori_loop(0, t, body, jnp.eye(t, dtype=gram.dtype), unroll=t <= UNROLL_T)
+    return jax.lax.fori_loop(0, t, body, jnp.eye(t, dtype=gram.dtype))
 
 
 def pcgrad_weighting(
