@@ -69,11 +69,17 @@ def _scipy_min(q_mat: np.ndarray, q_vec: np.ndarray, simplex: bool) -> float:
     return best
 
 
+# Jitted once per module (and compiled once per shape), not once per case.
+_SOLVE = {
+    simplex: jax.jit(lambda a, b, f=f: f(a, b, max_iters=100))
+    for simplex, f in ((True, _qp.simplex_qp), (False, _qp.nonneg_qp))
+}
+_UPGRAD_Z = jax.jit(lambda u, g: _qp.project_to_dual_cone(u, g, max_iters=50).z)
+_MIN_NORM_Z = jax.jit(lambda g: _qp.min_norm_simplex(g).z)
+
+
 def _check(q_mat: np.ndarray, q_vec: np.ndarray, simplex: bool) -> None:
-    solve = _qp.simplex_qp if simplex else _qp.nonneg_qp
-    sol = jax.jit(lambda a, b: solve(a, b, max_iters=100))(
-        jnp.asarray(q_mat, jnp.float32), jnp.asarray(q_vec, jnp.float32)
-    )
+    sol = _SOLVE[simplex](jnp.asarray(q_mat, jnp.float32), jnp.asarray(q_vec, jnp.float32))
     z = np.asarray(sol.z, np.float64)
     assert np.all(np.isfinite(z)) and z.min() >= 0.0
     if simplex:
@@ -140,18 +146,14 @@ def test_methods_match_references_at_small_t(t):
         jac = jac.astype(np.float32).astype(np.float64)
         gram = ref.torchjd_gram(jac)
         u = np.full(t, 1.0 / t)
-        got = _qp.project_to_dual_cone(
-            jnp.asarray(np.diag(u), jnp.float32), jnp.asarray(gram, jnp.float32), max_iters=50
-        ).z
+        got = _UPGRAD_Z(jnp.asarray(np.diag(u), jnp.float32), jnp.asarray(gram, jnp.float32))
         np.testing.assert_allclose(
             np.asarray(got).sum(0), ref.upgrad_weights(jac), atol=1e-5, rtol=1e-4
         )
-        got = _qp.project_to_dual_cone(
-            jnp.asarray(u, jnp.float32), jnp.asarray(gram, jnp.float32), max_iters=50
-        ).z
+        got = _UPGRAD_Z(jnp.asarray(u, jnp.float32), jnp.asarray(gram, jnp.float32))
         np.testing.assert_allclose(np.asarray(got), ref.dualproj_weights(jac), atol=1e-5, rtol=1e-4)
         g = jac @ jac.T
         if np.trace(g) > 0:
-            a = np.asarray(_qp.min_norm_simplex(jnp.asarray(g, jnp.float32)).z, np.float64)
+            a = np.asarray(_MIN_NORM_Z(jnp.asarray(g, jnp.float32)), np.float64)
             want = _scipy_min(g, np.zeros(t), simplex=True)
             assert a @ g @ a / 2 <= want + 1e3 * EPS32 * np.max(np.diag(g))
