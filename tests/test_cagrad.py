@@ -14,6 +14,8 @@ from tests import checks
 from tests import qp_reference as ref
 
 J_ISSUE = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+# One jitted solver for the KKT checks (compiled once per shape, not traced per case).
+_SIMPLEX_QP = jax.jit(lambda g, q: _qp.simplex_qp(g, q, max_iters=200))
 
 
 def make(t, **kw):
@@ -51,9 +53,10 @@ def test_matches_scipy_primal_reference(t):
 def test_matches_scipy_primal_reference_in_float64():
     rng = np.random.default_rng(11)
     with jax.enable_x64(True):
+        tx = ob.cagrad(c=0.5, rescale=False)
+        update = jax.jit(tx.update)
         for jac in ref.random_cases(rng, 8):
-            tx = ob.cagrad(c=0.5, rescale=False)
-            d, _ = tx.update(jnp.asarray(jac), tx.init(jnp.zeros(24)))
+            d, _ = update(jnp.asarray(jac), tx.init(jnp.zeros(24)))
             d_ref = ref.cagrad_direction(jac, 0.5)
             assert np.max(np.abs(np.asarray(d) - d_ref)) <= 1e-6 * np.linalg.norm(jac)
 
@@ -84,9 +87,7 @@ def test_simplex_qp_meets_kkt_conditions(t):
     for jac in ref.random_cases(rng, t):
         gram = jac @ jac.T / np.sum(jac**2)
         q = rng.normal(size=t) / t
-        sol = _qp.simplex_qp(
-            jnp.asarray(gram, jnp.float32), jnp.asarray(q, jnp.float32), max_iters=200
-        )
+        sol = _SIMPLEX_QP(jnp.asarray(gram, jnp.float32), jnp.asarray(q, jnp.float32))
         z = np.asarray(sol.z, np.float64)
         grad = gram @ z + q
         nu = grad[z > 0].mean()
@@ -98,8 +99,9 @@ def test_worst_task_improvement_beats_the_mean():
     # CAGrad's purpose: min_i g_i . d at least that of the mean gradient g0 (d = g0 is
     # feasible in its primal problem).
     rng = np.random.default_rng(4)
+    update = checks.jitted(ob.cagrad(rescale=False), 24)
     for jac in ref.random_cases(rng, 6):
-        d, _ = checks.run(ob.cagrad(rescale=False), jac)
+        d, _ = update(jac)
         assert np.min(jac @ np.asarray(d, np.float64)) >= np.min(jac @ jac.mean(0)) - 1e-5
 
 

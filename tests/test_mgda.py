@@ -1,5 +1,7 @@
 """MGDA against the design's golden values, hand derivations and an exact SciPy QP."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,10 +15,23 @@ J = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
 LOSSES = jnp.array([0.5, 2.0])
 
 
-def _run(grads, tx=None, **kw):
-    tx = tx or ob.mgda(**kw)
+def _run(grads, tx=None, *, jit=True, **kw):
+    """One update from a fresh state; jitted (one compile per method and shape) unless
+    ``jit=False``: eagerly, the solver's loop is traced and compiled on every call."""
+    tx = tx or _mgda(**kw)
     params = jax.tree.map(lambda g: jnp.zeros(g.shape[1:], g.dtype), grads)
-    return tx.update(grads, tx.init(params), params, task_losses=LOSSES)
+    update = _jitted_update(tx) if jit else tx.update
+    return update(grads, tx.init(params), params, task_losses=LOSSES)
+
+
+@functools.cache
+def _mgda(**kw):
+    return ob.mgda(**kw)
+
+
+@functools.cache
+def _jitted_update(tx):
+    return jax.jit(tx.update)
 
 
 @pytest.mark.parametrize(
@@ -86,7 +101,7 @@ def _cases():
 
 @pytest.mark.parametrize("jm", list(_cases()))
 def test_min_norm_point_matches_exact_qp(jm):
-    d, state = jax.jit(lambda g: _run(g))(jnp.asarray(jm))
+    d, state = _run(jnp.asarray(jm))
     ref = _exact_min_norm(jm.astype(np.float64))
     err = np.max(np.abs(np.asarray(d, np.float64) - ref)) / np.max(np.abs(jm))
     assert err < 1e-3, err
@@ -198,8 +213,8 @@ def test_bf16_in_bf16_out():
 
 def test_jit_and_no_jit_agree():
     jm = jnp.asarray(np.random.default_rng(8).normal(size=(7, 11)), jnp.float32)
-    d1, s1 = _run(jm)
-    d2, s2 = jax.jit(lambda g: _run(g))(jm)
+    d1, s1 = _run(jm, jit=False)
+    d2, s2 = jax.jit(lambda g: _run(g, jit=False))(jm)
     np.testing.assert_allclose(d1, d2, atol=1e-6)
     np.testing.assert_allclose(s1.weights, s2.weights, atol=1e-6)
 
