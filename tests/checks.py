@@ -7,7 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_balance._solvers import _qp
 from tests.qp_reference import HOSTILE, SCALES
+
+# The dual-cone projection for the solver KKT checks, jitted once (compiled once per
+# shape; called eagerly, its loop would be traced and compiled on every call).
+project_to_dual_cone = jax.jit(lambda u, g: _qp.project_to_dual_cone(u, g, max_iters=200))
 
 
 def run(tx: optax.GradientTransformationExtraArgs, jac: np.ndarray, *, jit: bool = True, **kw):
