@@ -18,9 +18,8 @@ project_to_dual_cone = jax.jit(lambda u, g: _qp.project_to_dual_cone(u, g, max_i
 def run(tx: optax.GradientTransformationExtraArgs, jac: np.ndarray, *, jit: bool = True, **kw):
     """One update on a single-leaf stacked gradient ``jac`` (T, n); returns (d, state).
 
-    Jitted unless ``jit=False``: run eagerly, a solver's ``while_loop`` is traced and
-    compiled afresh on every call (its body is a new closure each time), which made these
-    checks most of the solver test files' time.
+    Jitted unless ``jit=False`` (one compilation of the whole update; eagerly, the core
+    compiles the transformation's weighting and Gramian and runs the rest op by op).
     """
     jac = jnp.asarray(jac, jnp.float32)
     state = tx.init(jnp.zeros(jac.shape[1:], jnp.float32))

@@ -167,6 +167,9 @@ def _gram_cpu(x: Array, dt: Any) -> Array:
     return _gram_chunked(_gram_dot, x, dt, chunk)
 
 
+# ``leaf_gram`` and ``leaf_cross_gram`` are jitted (inlined inside a jitted step): called
+# eagerly, the chunk loop's body would be a new closure, compiled again on every call.
+@jax.jit
 def leaf_gram(g: Array) -> Array:
     """``g.reshape(T, -1) @ g.reshape(T, -1).T`` accumulated in the statistics dtype."""
     t = g.shape[0]
@@ -230,6 +233,7 @@ def _cross_gram_cpu(x: Array, y: Array, dt: Any) -> Array:
     return _cross_gram_chunked(_cross_gram_dot, x, y, dt, _chunk_columns(x.shape[0]))
 
 
+@jax.jit
 def leaf_cross_gram(g1: Array, g2: Array) -> Array:
     """``g1.reshape(T, -1) @ g2.reshape(T, -1).T`` (two batches of one stacked leaf).
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -15,7 +16,6 @@ from optax_balance._core._stats import Stats, all_finite, compute_stats, sync_st
 from optax_balance._core._types import PyTree, SharedMask, Sync, stat_dtype
 from optax_balance._core._weighting import (
     Weighting,
-    guarded_weigh,
     guarded_weigh_ok,
     tree_none_outside,
 )
@@ -294,6 +294,11 @@ def balance(
     grad_stats = [n for n in needs if n != "losses"]
     two_batches = "cross_gram" in needs
 
+    # The weighting (solvers: while loops) under one jit per transformation, so that an
+    # eager ``update`` compiles it once, not on every call; inside a jitted step it is
+    # inlined.
+    weigh_ok = jax.jit(functools.partial(guarded_weigh_ok, weighting))
+
     def init_fn(params: PyTree) -> Any:
         state = initial_state(weighting, 0 if t_cfg is None else t_cfg, params, shared)
         # One buffer per leaf, even where a method's init reuses an array for two fields:
@@ -307,7 +312,7 @@ def balance(
         stats = loss_stats(weighting, losses, extra_args, num_tasks=t_cfg, axis_name=axis_name)
         state = ready_state(weighting, state, int(np.shape(losses)[0]), params, shared)
         # The gradient is not read: the weights come from the losses, which the guard checks.
-        _, new_state = guarded_weigh(weighting, stats, state)
+        _, new_state, _ = weigh_ok(stats, state, True)
         if axis_name is not None and sync == "grads":
             updates = _pmean(updates, axis_name)
         return updates, new_state
@@ -388,7 +393,7 @@ def balance(
         # Weights of the losses alone: the guard cannot see the gradients, so check them.
         ok = grads_finite(updates, stat_m, axis_name) if weighting.losses_only else True
 
-        weights, new_state, ok = guarded_weigh_ok(weighting, stats, state, ok)
+        weights, new_state, ok = weigh_ok(stats, state, ok)
         heads = None
         if weighting.head_scales is not None:
             heads = getattr(new_state, weighting.head_scales)
