@@ -17,7 +17,8 @@ LOSSES = jnp.array([0.5, 2.0])
 
 def _run(grads, tx=None, *, jit=True, **kw):
     """One update from a fresh state; jitted (one compile per method and shape) unless
-    ``jit=False``: eagerly, the solver's loop is traced and compiled on every call."""
+    ``jit=False`` (eagerly, the rest of the update runs op by op around the core's
+    compiled weighting)."""
     tx = tx or _mgda(**kw)
     params = jax.tree.map(lambda g: jnp.zeros(g.shape[1:], g.dtype), grads)
     update = _jitted_update(tx) if jit else tx.update
