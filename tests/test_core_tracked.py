@@ -1,6 +1,7 @@
-"""The core's tracked gradient estimates (``Weighting.tracked``) and head scales
-(``Weighting.head_scales``), on a small weighting written here: an exponential moving
-average of the task gradients, weighted by fixed weights.
+"""The core's tracked gradient estimates (``Weighting.tracked``), head scales
+(``Weighting.head_scales``) and unscanned state fields (``Weighting.unscanned``), on small
+weightings written here: an exponential moving average of the task gradients, weighted
+by fixed weights.
 """
 
 from __future__ import annotations
@@ -111,3 +112,40 @@ def test_stacked_zeros_like():
     z = _core.stacked_zeros_like({"a": jax.ShapeDtypeStruct((2, 3), jnp.bfloat16), "b": None}, 4)
     assert z["b"] is None and z["a"].shape == (4, 2, 3) and z["a"].dtype == jnp.float32
     assert not np.any(np.asarray(z["a"]))
+
+
+class SumState(NamedTuple):
+    weights: jax.Array
+    acc: jax.Array
+    count: jax.Array
+
+
+def _sum_weighting(unscanned):
+    """Fixed weights; ``acc`` accumulates 1e38 times the Gramian's diagonal, ``count`` the
+    steps. The weights do not read ``acc``: it breaks the contract of ``unscanned`` on
+    purpose, so the test can see whether the guard scanned it."""
+
+    def weigh(stats, state):
+        d = 1e38 * jnp.diagonal(stats.gram)
+        return jnp.asarray(W, jnp.float32), SumState(state.weights, state.acc + d, state.count + 1)
+
+    def init(t):
+        return SumState(jnp.ones((t,)), jnp.zeros((t,)), jnp.zeros((), jnp.int32))
+
+    return ob.Weighting(init, weigh, name="sum", unscanned=unscanned)
+
+
+def test_unscanned_fields_are_not_scanned_by_the_guard():
+    j = jnp.array([[3.0, 0.0], [0.0, 0.0], [0.0, 0.1]])  # acc overflows in row 0 only
+    results = {}
+    for unscanned in ((), "acc", ("acc",)):
+        w = _sum_weighting(unscanned)
+        assert w.unscanned in ((), ("acc",))  # a single name becomes a tuple
+        tx = ob.balance(w, num_tasks=3)
+        _, results[unscanned] = jax.jit(tx.update)(j, tx.init(jnp.zeros(2)))
+    # Scanned: the Inf in acc rejects the step, the state is kept (count stays 0).
+    assert int(results[()].count) == 0 and not np.any(np.asarray(results[()].acc))
+    # Unscanned: the guard does not see it; the step is taken.
+    for key in ("acc", ("acc",)):
+        assert int(results[key].count) == 1
+        np.testing.assert_array_equal(np.isinf(np.asarray(results[key].acc)), [1, 0, 0])

@@ -164,6 +164,25 @@ def test_large_excess_stays_finite():
     np.testing.assert_allclose(np.asarray(states[0].weights), [1.0, 0.0, 0.0], atol=1e-6)
 
 
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_a_squared_gradient_overflow_keeps_the_state(warmup):
+    """A finite gradient whose square overflows float32 (3e38^2) makes S infinite. The
+    guard does not scan S (``unscanned``): the excess risk, hence the weights (after the
+    warmup) or the warmup sum (during it), must turn non-finite and reject the step."""
+    tx = ob.excess_mtl(num_tasks=3, n_warmup_steps=warmup)
+    rng = np.random.default_rng(3)
+    clean = [rng.normal(size=(3, I.N)).astype(np.float32) for _ in range(warmup + 1)]
+    big = rng.normal(size=(3, I.N)).astype(np.float32)
+    big[0, 3] = 3e38
+    for k in range(warmup + 1):  # the overflow in the warmup, then right after it
+        _, states = _run(tx, clean[:k] + [big])
+        before = states[-2] if k else tx.init(I.params())
+        assert all(
+            np.array_equal(a, b)
+            for a, b in zip(jax.tree.leaves(states[-1]), jax.tree.leaves(before))
+        ), f"state changed by the overflowing step {k}"
+
+
 def test_a_weight_below_float32_range_recovers():
     """Step 1 pushes task 1 down by 150 nats (e^-150: 0 in float32); step 2 boosts it by
     1e4. In exact arithmetic (the float64 reference) task 1 then takes over; a float32

@@ -88,6 +88,12 @@ class Weighting:
         estimates' norms or Gramian are; and to let a donated state be updated in place,
         it should compute those statistics from the old estimates and the gradients
         (expanding the norms), not from the new estimates.
+      unscanned: names of state fields the non-finite guard does not scan: large
+        accumulators of the size of the stacked gradients (ExcessMTL's squared-gradient
+        sums), whose scan would be one more pass over T x P numbers per step. ``weigh``
+        must make its weights or another (scanned) state field non-finite whenever one of
+        them is, as weights computed from them are. On a non-finite step they are kept,
+        like every state field. The ``tracked`` field is never scanned either.
       head_scales: the name of a ``(T,)`` state field :math:`c`: the task-specific leaves
         (``shared=False``) are combined as :math:`\sum_i c_i g_i` instead of summed. For
         methods that rescale the losses themselves (DB-MTL's log-losses, IMTL's learned
@@ -130,6 +136,7 @@ class Weighting:
     stat_mask_name: str = "norm_mask"
     init_takes_params: bool = False
     tracked: str | None = None
+    unscanned: tuple[str, ...] = ()
     head_scales: str | None = None
     nonnegative_losses: bool = False
     extra_args: tuple[str, ...] = ()
@@ -144,6 +151,8 @@ class Weighting:
         object.__setattr__(self, "needs", needs)
         extra = (self.extra_args,) if isinstance(self.extra_args, str) else tuple(self.extra_args)
         object.__setattr__(self, "extra_args", extra)
+        unscanned = (self.unscanned,) if isinstance(self.unscanned, str) else tuple(self.unscanned)
+        object.__setattr__(self, "unscanned", unscanned)
         if not (callable(self.init) and callable(self.weigh)):
             raise ValueError("Weighting `init` and `weigh` must be callables.")
         if self.tracked is not None and not self.init_takes_params:
@@ -231,12 +240,12 @@ def guarded_weigh_ok(
 ) -> tuple[Any, Any, Array]:
     """:func:`guarded_weigh`, and whether the step was finite (a scalar bool)."""
     weights, new_state = weighting.weigh(stats, state)
-    checked = new_state
-    if weighting.tracked is not None:
-        # Not scanned: a reduction over the new estimates would make XLA materialise them
-        # next to the state they replace (a T x P temporary, where a donated state is
-        # otherwise updated in place). Their finiteness is the weights' (see `tracked`).
-        checked = new_state._replace(**{weighting.tracked: None})
+    # Not scanned: the tracked estimates (a reduction over them would make XLA materialise
+    # them next to the state they replace, a T x P temporary, where a donated state is
+    # otherwise updated in place) and the `unscanned` accumulators (one more T x P pass).
+    # Their finiteness is the weights' (see `tracked`, `unscanned`).
+    skip = weighting.unscanned + (() if weighting.tracked is None else (weighting.tracked,))
+    checked = new_state._replace(**dict.fromkeys(skip)) if skip else new_state
     # Per-coordinate weights are not scanned (see ``Weighting.weigh``): a T x P reduction
     # over them would make XLA write them out, a fresh T x P buffer per call, where they
     # can otherwise be fused into the combination.

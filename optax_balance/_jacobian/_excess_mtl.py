@@ -154,7 +154,16 @@ def excess_mtl_weighting(
         )
         return weights, new_state
 
-    return _core.Weighting(init, weigh, needs=("grads",), name="excess_mtl", init_takes_params=True)
+    # S is not scanned by the non-finite guard (a T x P pass): a non-finite S_new makes
+    # the excess risk E non-finite, hence the weights (or, in the warmup, warmup_sum).
+    return _core.Weighting(
+        init,
+        weigh,
+        needs=("grads",),
+        name="excess_mtl",
+        init_takes_params=True,
+        unscanned=("sq_grad_sum",),
+    )
 
 
 def excess_mtl(
