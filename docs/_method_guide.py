@@ -296,8 +296,9 @@ _COST_NOTES = {
     "graddrop": "T backward passes, + O(T·P) (per-coordinate masks)",
     "excess_mtl": "T backward passes, + T·P, and T·P more memory (state)",
     "gradvac_per_leaf": "T backward passes, + T²·P (Gramian per leaf)",
-    "moco": "T backward passes, + ~8 passes over T·P, and T·P more memory (estimates)",
-    "db_mtl": "T backward passes, + ~8 passes over T·P, and T·P more memory (averages)",
+    "moco": "T backward passes, + T²·P (the estimates' Gramian) + ~6 passes over T·P, and "
+    "T·P more memory (estimates)",
+    "db_mtl": "T backward passes, + ~6 passes over T·P, and T·P more memory (averages)",
 }
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from optax_balance import _core
 from optax_balance._core import _gram
-from tests.tolerance import assert_gram_close, dot_bound
+from tests.tolerance import U32, assert_gram_close, dot_bound
 
 # Shapes hit the blocked path (a divisor in 16..1024), the flat path (primes), tiny leaves.
 SHAPES = [(128, 64), (37, 11), (5,), (1,), (64,), (3, 1000), (101, 13), (7919,)]
@@ -161,3 +161,78 @@ def test_sq_norms_of_long_leaves(dtype) -> None:
         want = np.sum(f * f, axis=1)
         bound = dot_bound(want, f.shape[1])
         assert np.all(np.abs(got - want) <= bound), (shape, got, want)
+
+
+# The statistics of a mix Z = diag(a) Y + diag(b) G (tracked estimates: MoCo, DB-MTL),
+# computed without writing Z. Forming each entry of Z in float32 costs at most
+# fl(fl(a y) + fl(b g)) - (a y + b g) <= 2u (|a y| + |b g|) + O(u^2) =: 2u w, so an entry of
+# Z Z^T differs from the exact one by at most dot_bound(W) (the dot's own rounding, on
+# |Z| <= (1 + 2u) w) plus (4u + 4u^2) W, with W = w w^T summed over the columns.
+MIX_SHAPES = [(5,), (37, 11), (2 * _gram._MAX_CHUNK + 3,), (3000,), (300, 250)]
+
+
+def _mix_inputs(t: int, seed: int, g_dtype):
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(-1.0, 1.0, t).astype(np.float32)
+    b = (rng.uniform(0.1, 10.0, t) * rng.choice([-1.0, 1.0], t)).astype(np.float32)
+    if t > 1:
+        a[0], b[-1] = 0.0, 0.0  # a task on G alone, one on Y alone
+    ys = [rng.standard_normal((t, *s)).astype(np.float32) for s in MIX_SHAPES]
+    gs = [jnp.asarray(rng.standard_normal((t, *s)), g_dtype) for s in MIX_SHAPES]
+    return a, b, ys, gs
+
+
+def _mix_reference(a, b, ys, gs):
+    """Z in float64 from the float32 inputs, and w = |a y| + |b g| (both (T, n))."""
+    t = a.shape[0]
+    y = np.concatenate([np.asarray(x, np.float64).reshape(t, -1) for x in ys], axis=1)
+    g = np.concatenate(
+        [np.asarray(x.astype(jnp.float32), np.float64).reshape(t, -1) for x in gs], axis=1
+    )
+    a64, b64 = np.asarray(a, np.float64)[:, None], np.asarray(b, np.float64)[:, None]
+    return a64 * y + b64 * g, np.abs(a64 * y) + np.abs(b64 * g)
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 8, 13])
+@pytest.mark.parametrize("g_dtype", [jnp.float32, jnp.bfloat16])
+def test_mix_gramian_matches_float64(t: int, g_dtype) -> None:
+    a, b, ys, gs = _mix_inputs(t, 200 + t, g_dtype)
+    got = jax.jit(lambda a, b, ys, gs: _core.mix_gramian(a, ys, b, gs, t))(a, b, ys, gs)
+    assert got.shape == (t, t) and got.dtype == jnp.float32
+    z, w = _mix_reference(a, b, ys, gs)
+    ww = w @ w.T
+    bound = dot_bound(ww * (1 + 2 * U32) ** 2, z.shape[1]) + (4 * U32 + 4 * U32**2) * ww
+    err = np.abs(np.asarray(got, np.float64) - z @ z.T)
+    assert np.all(err <= bound), (err / bound).max()
+
+
+@pytest.mark.parametrize("t", [1, 2, 8])
+@pytest.mark.parametrize("g_dtype", [jnp.float32, jnp.bfloat16])
+def test_mix_sq_norms_and_mix_leaf_match_float64(t: int, g_dtype) -> None:
+    a, b, ys, gs = _mix_inputs(t, 300 + t, g_dtype)
+    got = jax.jit(lambda a, b, ys, gs: _core.mix_sq_norms(a, ys, b, gs, t))(a, b, ys, gs)
+    assert got.shape == (t,) and got.dtype == jnp.float32
+    z, w = _mix_reference(a, b, ys, gs)
+    ww = np.sum(w * w, axis=1)
+    bound = dot_bound(ww * (1 + 2 * U32) ** 2, z.shape[1]) + (4 * U32 + 4 * U32**2) * ww
+    err = np.abs(np.asarray(got, np.float64) - np.sum(z * z, axis=1))
+    assert np.all(err <= bound), (err / bound).max()
+    # The leaf itself (what the new state holds): each entry within 2u w of the exact mix.
+    leaves = [
+        _core.mix_leaf(jnp.asarray(a), jnp.asarray(y), jnp.asarray(b), g) for y, g in zip(ys, gs)
+    ]
+    assert all(x.dtype == jnp.float32 and x.shape == y.shape for x, y in zip(leaves, ys))
+    flat = np.concatenate([np.asarray(x, np.float64).reshape(t, -1) for x in leaves], axis=1)
+    assert np.all(np.abs(flat - z) <= (2 * U32 + 2 * U32**2) * w)
+
+
+def test_mix_statistics_of_opposite_and_zero_parts() -> None:
+    """A mix that cancels exactly (a y = -b g) has a zero Gramian and zero norms, where an
+    expansion over Y Y^T, Y G^T and G G^T would leave rounding noise (or a negative
+    squared norm) of the size of |y|^2."""
+    t, n = 3, 2 * _gram._MAX_CHUNK + 3
+    y = jnp.asarray(np.random.default_rng(0).standard_normal((t, n)), jnp.float32)
+    a, b = jnp.asarray([1.0, 0.5, 0.0]), jnp.asarray([1.0, 0.25, 0.0])
+    g = jnp.stack([-y[0], -2.0 * y[1], y[2]])
+    np.testing.assert_array_equal(np.asarray(_core.mix_gramian(a, [y], b, [g], t)), 0.0)
+    np.testing.assert_array_equal(np.asarray(_core.mix_sq_norms(a, [y], b, [g], t)), 0.0)

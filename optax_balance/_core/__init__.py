@@ -27,7 +27,13 @@ from optax_balance._core._checks import (
     is_traced,
 )
 from optax_balance._core._combine import combine, combine_leaf, fused_sum, sum_leaf
-from optax_balance._core._gram import leaf_cross_gram, leaf_gram, leaf_sq_norms
+from optax_balance._core._gram import (
+    leaf_cross_gram,
+    leaf_gram,
+    leaf_sq_norms,
+    mix_leaf,
+    task_rows,
+)
 from optax_balance._core._stats import (
     STAT_NAMES,
     Stats,
@@ -36,6 +42,8 @@ from optax_balance._core._stats import (
     cross_gramian,
     dots,
     gramian,
+    mix_gramian,
+    mix_sq_norms,
     safe_inverse,
     safe_sqrt,
     sq_norms,
@@ -100,6 +108,9 @@ __all__ = [
     "leaf_gram",
     "leaf_sq_norms",
     "loss_stats",
+    "mix_gramian",
+    "mix_leaf",
+    "mix_sq_norms",
     "num_tasks_of",
     "ready_state",
     "resolve_mask",
@@ -113,6 +124,7 @@ __all__ = [
     "statistic_masks",
     "stats_from_gram",
     "sum_leaf",
+    "task_rows",
     "sync_stats",
     "tree_none_outside",
     "unstacked_like",

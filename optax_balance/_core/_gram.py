@@ -41,6 +41,22 @@ def leaf_sq_norms(g: Array) -> Array:
     return jnp.sum(f * f, axis=rest_axes(g))
 
 
+def task_rows(*gs: Array) -> tuple[Array, ...]:
+    """The ``(T, n)`` views of stacked leaves, held together by an optimization barrier.
+
+    For a reduction over a leaf that is also read elsewhere (its new state, the
+    combination): the barrier keeps XLA from merging the reduction's elementwise work
+    with the same expression written out elsewhere (the reduction would then read a
+    materialised T x n copy of it), and the views keep a train step's transposed
+    gradient layout from costing a second copy (see :func:`leaf_sq_norms`). Under
+    Explicit sharding, where merging a sharded axis is an error, the leaves keep their
+    shapes.
+    """
+    if all(_replicated_if_explicit(g) is None for g in gs):
+        gs = tuple(g.reshape(g.shape[0], -1) for g in gs)
+    return tuple(jax.lax.optimization_barrier(gs))
+
+
 def leaf_dots(g1: Array, g2: Array) -> Array:
     """Per-task inner products ``(T,)`` of two stacked leaves of one shape, in f32."""
     dt = stat_dtype()
@@ -139,32 +155,50 @@ def _gram_split_dot(x: Array, dt: Any) -> Array:
     return z[:, 0, :, 0] + z[:, 1, :, 1]
 
 
+def _sum_over_chunks(
+    fn: Callable[..., Array],
+    tail: Callable[..., Array],
+    xs: tuple[Array, ...],
+    chunk: int,
+    dt: Any,
+) -> Array:
+    """``fn`` of the column chunks of the ``(T, n)`` arrays ``xs`` (taken together), summed.
+
+    Leaves shorter than two chunks take ``fn`` once; the columns after the last whole
+    chunk (any number) take ``tail``. ``fn`` and ``tail`` return a ``(T, T)`` array.
+    """
+    n = xs[0].shape[1]
+    m = n // chunk
+    if m < 2:
+        return fn(*xs)
+
+    def body(i: Array, acc: Array) -> Array:
+        return acc + fn(*(jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1) for x in xs))
+
+    t = xs[0].shape[0]
+    acc = jax.lax.fori_loop(0, m, body, jnp.zeros((t, t), dt))
+    if n > m * chunk:
+        acc = acc + tail(*(x[:, m * chunk :] for x in xs))
+    return acc
+
+
 def _gram_chunked(kernel: Callable[[Array, Any], Array], x: Array, dt: Any, chunk: int) -> Array:
     """``kernel``'s Gramian summed over column chunks of ``x`` (T, n) in a loop.
 
-    Leaves shorter than two chunks take ``kernel`` once; the columns after the last whole
-    chunk (any number) take the plain dot.
+    The columns after the last whole chunk take the plain dot (the split kernel needs an
+    even length).
     """
-    t, n = x.shape
-    m = n // chunk
-    if m < 2:
-        return kernel(x, dt)
+    return _sum_over_chunks(lambda c: kernel(c, dt), lambda c: _gram_dot(c, dt), (x,), chunk, dt)
 
-    def body(i: Array, acc: Array) -> Array:
-        return acc + kernel(jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1), dt)
 
-    acc = jax.lax.fori_loop(0, m, body, jnp.zeros((t, t), dt))
-    if n > m * chunk:
-        acc = acc + _gram_dot(x[:, m * chunk :], dt)
-    return acc
+def _cpu_kernel(t: int, n: int) -> Callable[[Array, Any], Array]:
+    """The CPU kernel for each chunk of a ``(t, n)`` leaf: rows split at T <= _SPLIT_T."""
+    return _gram_split_dot if t <= _SPLIT_T and n % 2 == 0 and n >= 2048 else _gram_dot
 
 
 def _gram_cpu(x: Array, dt: Any) -> Array:
     t, n = x.shape
-    chunk = _chunk_columns(t)
-    if t <= _SPLIT_T and n % 2 == 0 and n >= 2048:
-        return _gram_chunked(_gram_split_dot, x, dt, chunk)
-    return _gram_chunked(_gram_dot, x, dt, chunk)
+    return _gram_chunked(_cpu_kernel(t, n), x, dt, _chunk_columns(t))
 
 
 # ``leaf_gram`` and ``leaf_cross_gram`` are jitted (inlined inside a jitted step): called
@@ -197,6 +231,88 @@ def leaf_gram(g: Array) -> Array:
     )
 
 
+# The Gramian and the squared norms of a *mix* ``Z = diag(a) Y + diag(b) G`` of two
+# stacked leaves of one shape, never writing Z: methods with tracked estimates (MoCo's
+# y, DB-MTL's moving average) read the statistics of their new estimates while the new
+# state is only written once, by the guard's select (in place when the state is donated).
+# Expanding them over Y and G instead (Y Y^T, Y G^T, G G^T) costs three Gramians' work.
+# On CPU the mix is formed chunk by chunk inside the Gramian's loop (XLA fuses it into
+# the chunk's copy); elsewhere in chunks of _MIX_CHUNK columns, which bounds the
+# temporary at T x _MIX_CHUNK numbers (a whole mix of a P=1e8 leaf would be T x 400 MB).
+_MIX_CHUNK = 1 << 22
+
+
+def mix_leaf(a: Array, y: Array, b: Array, g: Array) -> Array:
+    """``a_i y_i + b_i g_i`` per task (``a``, ``b``: ``(T,)``), in the statistics dtype."""
+    dt = stat_dtype()
+    shape = (a.shape[0],) + (1,) * (y.ndim - 1)
+    return a.reshape(shape).astype(dt) * y.astype(dt) + b.reshape(shape).astype(dt) * g.astype(dt)
+
+
+def _mix_gram_chunked(
+    kernel: Callable[[Array, Any], Array],
+    a: Array,
+    x: Array,
+    b: Array,
+    y: Array,
+    dt: Any,
+    chunk: int,
+) -> Array:
+    """``kernel``'s Gramian of the mix of ``x`` and ``y`` (T, n), summed over column chunks."""
+    return _sum_over_chunks(
+        lambda xc, yc: kernel(mix_leaf(a, xc, b, yc), dt),
+        lambda xc, yc: _gram_dot(mix_leaf(a, xc, b, yc), dt),
+        (x, y),
+        chunk,
+        dt,
+    )
+
+
+def _mix_gram_cpu(a: Array, x: Array, b: Array, y: Array, dt: Any) -> Array:
+    t, n = x.shape
+    return _mix_gram_chunked(_cpu_kernel(t, n), a, x, b, y, dt, _chunk_columns(t))
+
+
+def leaf_mix_gram(a: Array, y: Array, b: Array, g: Array) -> Array:
+    """The Gramian ``Z Z^T`` of ``Z = diag(a) Y + diag(b) G`` (one stacked leaf), not writing Z.
+
+    ``a`` and ``b`` are ``(T,)``; ``y`` and ``g`` stacked leaves of one shape (the dtypes
+    may differ). Under Explicit sharding the mix is formed whole (a sharded temporary).
+    """
+    t = y.shape[0]
+    dt = stat_dtype()
+    a, b = a.astype(dt), b.astype(dt)
+    if _replicated_if_explicit(y) is not None:
+        return leaf_gram(mix_leaf(a, y, b, g))
+    x, z = y.reshape(t, -1), g.reshape(t, -1)
+    if x.shape[1] == 0:
+        return jnp.zeros((t, t), dt)
+    return jax.lax.platform_dependent(
+        a,
+        x,
+        b,
+        z,
+        cpu=lambda a, x, b, z: _mix_gram_cpu(a, x, b, z, dt),
+        default=lambda a, x, b, z: _mix_gram_chunked(_gram_dot, a, x, b, z, dt, _MIX_CHUNK),
+    )
+
+
+def leaf_mix_sq_norms(a: Array, y: Array, b: Array, g: Array) -> Array:
+    """Per-task squared norms ``(T,)`` of ``a_i y_i + b_i g_i`` (one leaf), not writing them.
+
+    The operands pass :func:`task_rows`' barrier, the coefficients one of their own:
+    otherwise XLA's common-subexpression elimination merges this mix (or the
+    coefficients' T x n broadcasts) with the same written as the new state, and the
+    reduction then reads materialised T x n copies (XLA:CPU's YNNPACK reduction takes
+    its operands from memory).
+    """
+    y, g = task_rows(y, g)
+    # The coefficients too: their (T, n) broadcasts would be merged with the new state's.
+    a, b = jax.lax.optimization_barrier((a, b))
+    z = mix_leaf(a, y, b, g)
+    return jnp.sum(z * z, axis=rest_axes(z))
+
+
 # The cross-Gramian ``J1 J2^T`` of two batches' stacked gradients of one leaf (SDMGrad,
 # MoDo: an unbiased estimate of the Gramian of the expected gradients). The Gramian's
 # kernels on two operands: on CPU the dot over column chunks (same chunk sizes, same
@@ -213,20 +329,8 @@ def _cross_gram_chunked(
     kernel: Callable[[Array, Array, Any], Array], x: Array, y: Array, dt: Any, chunk: int
 ) -> Array:
     """``kernel``'s cross-Gramian summed over column chunks of ``x`` and ``y`` (T, n)."""
-    t, n = x.shape
-    m = n // chunk
-    if m < 2:
-        return kernel(x, y, dt)
-
-    def body(i: Array, acc: Array) -> Array:
-        xi = jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1)
-        yi = jax.lax.dynamic_slice_in_dim(y, i * chunk, chunk, axis=1)
-        return acc + kernel(xi, yi, dt)
-
-    acc = jax.lax.fori_loop(0, m, body, jnp.zeros((t, t), dt))
-    if n > m * chunk:
-        acc = acc + kernel(x[:, m * chunk :], y[:, m * chunk :], dt)
-    return acc
+    fn = lambda xc, yc: kernel(xc, yc, dt)  # noqa: E731
+    return _sum_over_chunks(fn, fn, (x, y), chunk, dt)
 
 
 def _cross_gram_cpu(x: Array, y: Array, dt: Any) -> Array:

@@ -13,6 +13,8 @@ from optax_balance._core._gram import (
     leaf_cross_gram,
     leaf_dots,
     leaf_gram,
+    leaf_mix_gram,
+    leaf_mix_sq_norms,
     leaf_sq_norms,
     rest_axes,
 )
@@ -132,6 +134,24 @@ def dots(leaves: Sequence[Array], leaves2: Sequence[Array], num_tasks: int) -> A
 def sq_norms(leaves: Sequence[Array], num_tasks: int) -> Array:
     """Per-task squared norms ``(T,)`` summed over ``leaves``."""
     return _sum([leaf_sq_norms(g) for g in leaves], jnp.zeros((num_tasks,), stat_dtype()))
+
+
+def mix_gramian(
+    a: Array, leaves: Sequence[Array], b: Array, leaves2: Sequence[Array], num_tasks: int
+) -> Array:
+    """The ``(T, T)`` Gramian of ``diag(a) Y + diag(b) G`` summed over pairs of leaves of
+    ``Y`` and ``G``, without writing the mix (see ``_gram.leaf_mix_gram``)."""
+    zero = jnp.zeros((num_tasks, num_tasks), stat_dtype())
+    return _sum([leaf_mix_gram(a, y, b, g) for y, g in zip(leaves, leaves2)], zero)
+
+
+def mix_sq_norms(
+    a: Array, leaves: Sequence[Array], b: Array, leaves2: Sequence[Array], num_tasks: int
+) -> Array:
+    """Per-task squared norms ``(T,)`` of ``a_i y_i + b_i g_i`` summed over pairs of leaves,
+    one fused pass over both, without writing the mix."""
+    zero = jnp.zeros((num_tasks,), stat_dtype())
+    return _sum([leaf_mix_sq_norms(a, y, b, g) for y, g in zip(leaves, leaves2)], zero)
 
 
 def _per_leaf(fn: Any, updates: PyTree, stat_mask: PyTree) -> PyTree:

@@ -86,8 +86,9 @@ class Weighting:
         alive next to the old ones): ``weigh`` must make its weights or another state
         field non-finite whenever an estimate is, as weights computed from the new
         estimates' norms or Gramian are; and to let a donated state be updated in place,
-        it should compute those statistics from the old estimates and the gradients
-        (expanding the norms), not from the new estimates.
+        it should compute those statistics without writing the new estimates out
+        (MoCo and DB-MTL form each chunk of :math:`a_i y_i + b_i g_i` inside the
+        reduction that reads it), not from a materialised copy.
       unscanned: names of state fields the non-finite guard does not scan: large
         accumulators of the size of the stacked gradients (ExcessMTL's squared-gradient
         sums), whose scan would be one more pass over T x P numbers per step. ``weigh``

@@ -54,8 +54,7 @@ def db_mtl_weighting(*, beta: float = 0.9, beta_sigma: float = 0.0) -> _core.Wei
       beta_sigma: :math:`\sigma \ge 0`: :math:`\beta_k = \beta / k^{\sigma}`.
 
     Returns:
-      An :class:`optax_balance.Weighting` of the stacked gradients, their squared norms
-      and the losses, with
+      An :class:`optax_balance.Weighting` of the stacked gradients and the losses, with
       ``tracked="estimates"`` and ``head_scales="log_loss_scales"``; its state is
       :class:`optax_balance.DBMTLState`.
 
@@ -64,8 +63,7 @@ def db_mtl_weighting(*, beta: float = 0.9, beta_sigma: float = 0.0) -> _core.Wei
       >>> w = ob.weightings.db_mtl()
       >>> state = w.init(2, {"a": jnp.zeros(2)})
       >>> g = {"a": jnp.array([[3.0, 4.0], [0.0, 2.0]])}
-      >>> stats = ob.Stats(grads=g, sq_norms=jnp.array([25.0, 4.0]),
-      ...                  losses=jnp.array([1.0, 4.0]))
+      >>> stats = ob.Stats(grads=g, losses=jnp.array([1.0, 4.0]))
       >>> weights, state = w(stats, state)
       >>> print(np.asarray(state.estimates["a"]).round(4))  # 0.1 * g_i / L_i
       [[0.3  0.4 ]
@@ -90,7 +88,7 @@ def db_mtl_weighting(*, beta: float = 0.9, beta_sigma: float = 0.0) -> _core.Wei
         )
 
     def weigh(stats: _core.Stats, state: DBMTLState) -> tuple[jax.Array, DBMTLState]:
-        assert stats.losses is not None and stats.sq_norms is not None
+        assert stats.losses is not None
         t = stats.num_tasks
         step = jnp.asarray(optax.safe_increment(state.step))
         b = beta / step.astype(stats.losses.dtype) ** beta_sigma
@@ -98,24 +96,20 @@ def db_mtl_weighting(*, beta: float = 0.9, beta_sigma: float = 0.0) -> _core.Wei
         shifted = stats.losses + _LOG_EPS
         pos = shifted > 0
         inv = jnp.where(pos, 1.0 / jnp.where(pos, shifted, 1.0), jnp.nan)
-        # |m'|^2 for m' = b m + (1 - b) inv g, expanded over the old averages and the
-        # gradients, so the new averages are only ever written (in place if donated).
+        # |m'|^2 for m' = b m + (1 - b) inv g in one pass over the old averages and the
+        # gradients, without writing m': the new averages are only ever written once, by
+        # the guard (in place if donated).
         old = [m for m in jax.tree.leaves(state.estimates) if m is not None]
         grads = [g for g in jax.tree.leaves(stats.grads) if g is not None]
-        a = (1.0 - b) * inv
-        sq = (
-            b * b * _core.sq_norms(old, t)
-            + 2.0 * b * a * _core.dots(old, grads, t)
-            + a * a * stats.sq_norms
-        )
-        norms = _core.safe_sqrt(jnp.maximum(sq, 0.0))
+        keep, a = jnp.full((t,), b, inv.dtype), (1.0 - b) * inv
+        sq = _core.mix_sq_norms(keep, old, a, grads, t)
+        # NaN where a NaN/Inf gradient reached the norms (safe_sqrt would map NaN to 0):
+        # the guard sees it in the weights (it scans neither gradients nor estimates).
+        norms = jnp.where(jnp.isfinite(sq), _core.safe_sqrt(sq), jnp.nan)
         alpha = jnp.max(norms) / (norms + _NORM_EPS)
 
         def average(m: Any, g: Any) -> Any:
-            if g is None:
-                return None
-            shape = (t,) + (1,) * (g.ndim - 1)
-            return b * m + a.reshape(shape) * g.astype(m.dtype)
+            return None if g is None else _core.mix_leaf(keep, m, a, g)
 
         estimates = jax.tree.map(average, state.estimates, stats.grads, is_leaf=_is_none)
         new = DBMTLState(weights=alpha, estimates=estimates, log_loss_scales=inv, step=step)
@@ -124,7 +118,7 @@ def db_mtl_weighting(*, beta: float = 0.9, beta_sigma: float = 0.0) -> _core.Wei
     return _core.Weighting(
         init,
         weigh,
-        needs=("grads", "sq_norms", "losses"),
+        needs=("grads", "losses"),
         name="db_mtl",
         init_takes_params=True,
         tracked="estimates",

@@ -122,12 +122,15 @@ def excess_mtl_weighting(
                     f"init must get the ordinary (unstacked) params (optax.MultiSteps, whose "
                     f"init needs the stacked tree, cannot wrap excess_mtl)."
                 )
-            sq = jnp.square(g.astype(dt))
-            s = s + sq
-            axes = tuple(range(1, sq.ndim))
             # E_i = g_i^T H_i^-1 g_i with the diagonal H_i = sqrt(S_i + 1e-7) (Eqs. 6-7).
-            excess = excess + jnp.sum(sq / jnp.sqrt(s + _H_EPS), axis=axes)
-            new_sums.append(s)
+            # Read through task_rows: the reduction recomputes g^2 and S + g^2 from g and S
+            # rather than reading S_new written out (the guard writes the new S once).
+            gr, sr = _core.task_rows(g, s)
+            sq = jnp.square(gr.astype(dt))
+            axes = tuple(range(1, sq.ndim))
+            excess = excess + jnp.sum(sq / jnp.sqrt(sr + sq + _H_EPS), axis=axes)
+            f = g.astype(dt)
+            new_sums.append(s + f * f)
         new_sum_tree = jax.tree.unflatten(jax.tree.structure(state.sq_grad_sum), new_sums)
         step = state.step
         in_warmup = step < warmup

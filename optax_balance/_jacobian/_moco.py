@@ -60,8 +60,8 @@ def moco_weighting(
       rho: :math:`\rho \ge 0`, the :math:`\ell_2` regularisation of the weights.
 
     Returns:
-      An :class:`optax_balance.Weighting` of the stacked gradients, their Gramian and the
-      losses, with ``tracked="estimates"``; its state is
+      An :class:`optax_balance.Weighting` of the stacked gradients, their squared norms
+      and the losses, with ``tracked="estimates"``; its state is
       :class:`optax_balance.MoCoState`.
 
     Examples:
@@ -69,7 +69,7 @@ def moco_weighting(
       >>> w = ob.weightings.moco()
       >>> state = w.init(2, {"a": jnp.zeros(2)})
       >>> g = {"a": jnp.array([[3.0, 4.0], [0.0, 2.0]])}    # norms 5 and 2
-      >>> stats = ob.Stats(grads=g, gram=g["a"] @ g["a"].T, losses=jnp.array([1.0, 2.0]))
+      >>> stats = ob.Stats(grads=g, sq_norms=jnp.array([25.0, 4.0]), losses=jnp.array([1.0, 2.0]))
       >>> weights, state = w(stats, state)
       >>> print(np.asarray(state.estimates["a"]).round(4))  # 0.5 * L_i g_i / |g_i|
       [[0.3 0.4]
@@ -97,34 +97,27 @@ def moco_weighting(
         )
 
     def weigh(stats: _core.Stats, state: MoCoState) -> tuple[jax.Array, MoCoState]:
-        assert stats.gram is not None and stats.losses is not None
+        assert stats.sq_norms is not None and stats.losses is not None
         t = stats.num_tasks
-        gram = stats.gram
+        dt = stats.sq_norms.dtype
         step = jnp.asarray(optax.safe_increment(state.step))
-        k = step.astype(gram.dtype)
+        k = step.astype(dt)
         b = beta / k**beta_sigma
         gamma_k = gamma / k**gamma_sigma
-        # g_hat_i = c_i g_i with c_i = L_i / (|g_i| + 1e-8).
-        c = stats.losses / (_core.safe_sqrt(jnp.diagonal(gram)) + 1e-8)
-        # Y' Y'^T for Y' = (1 - b) Y + b diag(c) G, expanded over the old estimates and the
-        # gradients, so the new estimates are only ever written (in place if donated).
+        # g_hat_i = c_i g_i with c_i = L_i / (|g_i| + 1e-8); Y' = (1 - b) Y + b diag(c) G.
+        c = stats.losses / (_core.safe_sqrt(stats.sq_norms) + 1e-8)
+        keep, mix = jnp.full((t,), 1.0 - b, dt), b * c
+        # Y' Y'^T without writing Y' (one Gramian's work), so the new estimates are only
+        # ever written once, by the guard (in place if donated).
         old = [y for y in jax.tree.leaves(state.estimates) if y is not None]
         grads = [g for g in jax.tree.leaves(stats.grads) if g is not None]
-        yg = _core.cross_gramian(old, grads, t) * c[None, :]
-        new_gram = (
-            (1.0 - b) ** 2 * _core.gramian(old, t)
-            + b * (1.0 - b) * (yg + yg.T)
-            + b * b * (c[:, None] * gram * c[None, :])
-        )
+        new_gram = _core.mix_gramian(keep, old, mix, grads, t)
         lam = state.weights
-        reg = new_gram + rho * jnp.eye(t, dtype=gram.dtype)
+        reg = new_gram + rho * jnp.eye(t, dtype=dt)
         lam = jax.nn.softmax(lam - gamma_k * (reg @ lam))
 
         def track(y: Any, g: Any) -> Any:
-            if g is None:
-                return None
-            shape = (t,) + (1,) * (g.ndim - 1)
-            return (1.0 - b) * y + (b * c).reshape(shape) * g.astype(y.dtype)
+            return None if g is None else _core.mix_leaf(keep, y, mix, g)
 
         estimates = jax.tree.map(track, state.estimates, stats.grads, is_leaf=_is_none)
         return lam, MoCoState(weights=lam, estimates=estimates, step=step)
@@ -132,7 +125,7 @@ def moco_weighting(
     return _core.Weighting(
         init,
         weigh,
-        needs=("grads", "gram", "losses"),
+        needs=("grads", "sq_norms", "losses"),
         name="moco",
         init_takes_params=True,
         tracked="estimates",
