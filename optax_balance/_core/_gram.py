@@ -57,12 +57,6 @@ def task_rows(*gs: Array) -> tuple[Array, ...]:
     return tuple(jax.lax.optimization_barrier(gs))
 
 
-def leaf_dots(g1: Array, g2: Array) -> Array:
-    """Per-task inner products ``(T,)`` of two stacked leaves of one shape, in f32."""
-    dt = stat_dtype()
-    return jnp.sum(g1.astype(dt) * g2.astype(dt), axis=rest_axes(g1))
-
-
 def _replicated_if_explicit(g: Array) -> Any:
     """``out_sharding`` for a contraction of ``g``'s sharded axes, or ``None``.
 

@@ -11,7 +11,6 @@ import numpy as np
 
 from optax_balance._core._gram import (
     leaf_cross_gram,
-    leaf_dots,
     leaf_gram,
     leaf_mix_gram,
     leaf_mix_sq_norms,
@@ -122,13 +121,6 @@ def _sum(arrays: Sequence[Array], zero: Array) -> Array:
 def gramian(leaves: Sequence[Array], num_tasks: int) -> Array:
     """The ``(T, T)`` Gramian ``J J^T`` summed over ``leaves``."""
     return _sum([leaf_gram(g) for g in leaves], jnp.zeros((num_tasks, num_tasks), stat_dtype()))
-
-
-def dots(leaves: Sequence[Array], leaves2: Sequence[Array], num_tasks: int) -> Array:
-    """Per-task inner products ``(T,)`` summed over pairs of leaves (the cross-Gramian's
-    diagonal, without the rest of it)."""
-    zero = jnp.zeros((num_tasks,), stat_dtype())
-    return _sum([leaf_dots(a, b) for a, b in zip(leaves, leaves2)], zero)
 
 
 def sq_norms(leaves: Sequence[Array], num_tasks: int) -> Array:

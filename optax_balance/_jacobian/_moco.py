@@ -69,7 +69,8 @@ def moco_weighting(
       >>> w = ob.weightings.moco()
       >>> state = w.init(2, {"a": jnp.zeros(2)})
       >>> g = {"a": jnp.array([[3.0, 4.0], [0.0, 2.0]])}    # norms 5 and 2
-      >>> stats = ob.Stats(grads=g, sq_norms=jnp.array([25.0, 4.0]), losses=jnp.array([1.0, 2.0]))
+      >>> stats = ob.Stats(grads=g, sq_norms=jnp.array([25.0, 4.0]),
+      ...                  losses=jnp.array([1.0, 2.0]))
       >>> weights, state = w(stats, state)
       >>> print(np.asarray(state.estimates["a"]).round(4))  # 0.5 * L_i g_i / |g_i|
       [[0.3 0.4]
